@@ -1,0 +1,28 @@
+# The two commands of the README: `make run` and `make test`. Everything else is a step of those.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install services check bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+services:
+	scripts/ensure-services.sh
+
+# Serve the API on 127.0.0.1:8000 (HTTPS with TLS=1) with a worker; prints a project id and token.
+run: install services
+	scripts/run.sh
+
+test: install services
+	$(VENV)/bin/pytest
+
+check: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy

@@ -1,0 +1,1 @@
+"""The HTTP shim: validates, authorises and enqueues; answers without waiting on PostgreSQL."""

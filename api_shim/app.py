@@ -1,0 +1,85 @@
+"""The ASGI application: where each request goes."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.exceptions
+import sqlalchemy.exc
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from api_shim import reads, writes
+from api_shim.errors import ApiError, error_response, unavailable
+from api_shim.services import Services
+from schema.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+
+routes = [
+    Route(f"{API}/user", reads.get_user, methods=["GET"]),
+    Route(f"{API}/projects/{{project_id:int}}/automation/runs", reads.list_runs, methods=["GET"]),
+    Route(f"{API}/projects/{{project_id:int}}/automation/runs", writes.create_run, methods=["POST"]),
+    Route(f"{API}/automation/runs/{{run_id:int}}", reads.get_run, methods=["GET"]),
+    Route(f"{API}/automation/runs/{{run_id:int}}/append", writes.run_append, methods=["POST"]),
+    Route(f"{API}/automation/runs/{{run_id:int}}/complete", writes.run_complete, methods=["POST"]),
+    Route(f"{API}/automation/runs/{{run_id:int}}/threads", writes.create_thread, methods=["POST"]),
+    Route(f"{API}/automation/runs/threads/{{thread_id:int}}/append", writes.thread_append, methods=["POST"]),
+    Route(f"{API}/automation/runs/threads/{{thread_id:int}}/complete", writes.thread_complete,
+          methods=["POST"]),
+]
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    messages = {404: "Not found.", 405: "Method not allowed."}
+    return error_response(ApiError(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
+                                   headers=exc.headers))
+
+
+async def _dependency_down(request: Request, exc: Exception) -> Response:
+    what = "The database" if isinstance(exc, sqlalchemy.exc.SQLAlchemyError) else "The queue"
+    log.warning("%s unavailable: %s", what, type(exc).__name__)
+    return error_response(unavailable(request.app.state.services.settings.retry_after_seconds, what))
+
+
+async def _internal_error(_: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(ApiError(500, "Internal server error."))
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        services = Services.create(settings)
+        app.state.services = services
+        await services.start()
+        yield
+        await services.close()
+
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            sqlalchemy.exc.OperationalError: _dependency_down,
+            sqlalchemy.exc.InterfaceError: _dependency_down,
+            sqlalchemy.exc.TimeoutError: _dependency_down,
+            redis.exceptions.ConnectionError: _dependency_down,
+            redis.exceptions.TimeoutError: _dependency_down,
+            Exception: _internal_error,
+        },
+    )

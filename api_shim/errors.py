@@ -1,0 +1,66 @@
+"""The error body and status codes of compat.md section 6."""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from starlette.responses import Response
+
+INVALID = "The given data was invalid."
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, errors: Mapping[str, Sequence[str]] | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.errors = errors
+        self.headers = headers
+
+
+def error_response(error: ApiError) -> Response:
+    body: dict[str, Any] = {"message": error.message}
+    if error.errors is not None:
+        body["errors"] = error.errors
+    return Response(orjson.dumps(body), status_code=error.status, headers=error.headers,
+                    media_type="application/json")
+
+
+def unauthorized(message: str = "Unauthenticated: a valid bearer token is required.") -> ApiError:
+    return ApiError(401, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def forbidden() -> ApiError:
+    return ApiError(403, "This token's user has no access to this project.")
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, f"{what} not found.")
+
+
+def invalid(field: str, problem: str) -> ApiError:
+    return ApiError(422, INVALID, {field: [problem]})
+
+
+def already_completed(what: str) -> ApiError:
+    return invalid(what, f"The {what} is already completed.")
+
+
+def unavailable(retry_after: int, what: str = "A dependency") -> ApiError:
+    return ApiError(503, f"{what} is unavailable; try again shortly.", headers={"Retry-After": str(retry_after)})
+
+
+def from_validation(exc: ValidationError) -> ApiError:
+    """400 for a body that is not a JSON object, else 422 with each problem under its field path."""
+    errors: dict[str, list[str]] = {}
+    for e in exc.errors(include_url=False, include_input=False):
+        if e["type"] == "json_invalid":
+            return ApiError(400, "The request body is not valid JSON.")
+        if not e["loc"] and e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            return ApiError(400, "The request body must be a JSON object.")
+        path = ".".join(str(part) for part in e["loc"]) or "body"
+        message = e["msg"].removeprefix("Value error, ")
+        errors.setdefault(path, []).append(message)
+    return ApiError(422, INVALID, errors)

@@ -1,0 +1,90 @@
+"""Small request and response helpers shared by the endpoints."""
+
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api_shim.errors import ApiError, from_validation, not_found
+from api_shim.services import Services
+
+M = TypeVar("M", bound=BaseModel)
+
+BIGINT_MAX = 2**63 - 1
+
+
+def services(request: Request) -> Services:
+    s: Services = request.app.state.services
+    return s
+
+
+def path_id(request: Request, name: str, what: str) -> int:
+    value: int = request.path_params[name]
+    if value < 1 or value > BIGINT_MAX:
+        raise not_found(what)
+    return value
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to pass `limit` (before it is all read)."""
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise ApiError(415, "Compressed request bodies are not supported.")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"The request body is larger than {limit} bytes.")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"The request body is larger than {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse(model: type[M], body: bytes, context: dict[str, Any] | None = None) -> M:
+    if not body.strip():
+        body = b"{}"  # a complete without a body means "no options"
+    try:
+        parsed = model.model_validate_json(body, context=context)
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+    if b"\\u0000" in body:
+        _refuse_nul(orjson.loads(body), "")
+    return parsed
+
+
+def _refuse_nul(value: Any, path: str) -> None:
+    # PostgreSQL text cannot hold NUL: refuse it here rather than fail in the worker after accepting it.
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ApiError(422, "The given data was invalid.", {path or "body": ["must not contain NUL characters"]})
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_nul(key, path)
+            _refuse_nul(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_nul(item, f"{path}.{i}" if path else str(i))
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def no_content() -> Response:
+    return Response(status_code=204)
+
+
+def iso(moment: datetime | None) -> str | None:
+    """UTC ISO 8601 with microseconds and Z, as compat.md section 2 asks."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,190 @@
+"""Putting operations on the Celery queue, atomically with the completion-barrier bookkeeping.
+
+The shim writes Celery messages (protocol 2, JSON) straight into the Redis list the workers consume, from
+Lua scripts, so that checking a thread is still open, counting the append and enqueueing it are one step:
+no append can slip in between a complete and the count the complete records.
+
+Per run and per thread a Redis hash keeps the state the hot path needs:
+  run:    project, closed ("0"/"1"), ops (operations accepted on the run, its threads' included)
+  thread: run, project, closed, appends (appends accepted)
+A missing hash is rebuilt from PostgreSQL (see `state.py`); keys of open objects are refreshed on every
+use, so a key only expires once nothing can be in flight for it.
+"""
+
+import os
+import socket
+import uuid
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from schema.messages import APPLY_TASK, Op
+
+# Lua splices the count a complete records into its message where this number stands.
+EXPECTED_PLACEHOLDER = -7_777_777_777
+_PLACEHOLDER_BYTES = str(EXPECTED_PLACEHOLDER).encode()
+_ORIGIN = f"ingest-shim@{socket.gethostname()}:{os.getpid()}"
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+OPEN_TTL_SECONDS = 30 * 24 * 3600
+CLOSED_TTL_SECONDS = 24 * 3600
+
+# KEYS: queue, then a (run, thread) pair per append. ARGV: message, open ttl.
+# Enqueues only if every thread and run is open; otherwise returns each append's verdict.
+_APPEND = """
+local n = (#KEYS - 1) / 2
+local verdicts, blocked = {}, false
+for i = 1, n do
+  local run_closed = redis.call('HGET', KEYS[2 * i], 'closed')
+  local thread_closed = redis.call('HGET', KEYS[2 * i + 1], 'closed')
+  local verdict = 'ok'
+  if not run_closed or not thread_closed then
+    verdict, blocked = 'missing', true
+  elseif run_closed == '1' or thread_closed == '1' then
+    verdict, blocked = 'closed', true
+  end
+  verdicts[i] = verdict
+end
+if blocked then return verdicts end
+for i = 1, n do
+  redis.call('HINCRBY', KEYS[2 * i], 'ops', 1)
+  redis.call('HINCRBY', KEYS[2 * i + 1], 'appends', 1)
+  redis.call('EXPIRE', KEYS[2 * i], ARGV[2])
+  redis.call('EXPIRE', KEYS[2 * i + 1], ARGV[2])
+end
+redis.call('LPUSH', KEYS[1], ARGV[1])
+return 'ok'
+"""
+
+# KEYS: queue, run. ARGV: message, open ttl.
+_RUN_APPEND = """
+local closed = redis.call('HGET', KEYS[2], 'closed')
+if not closed then return 'missing' end
+if closed == '1' then return 'closed' end
+redis.call('HINCRBY', KEYS[2], 'ops', 1)
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('LPUSH', KEYS[1], ARGV[1])
+return 'ok'
+"""
+
+# KEYS: queue, run, thread. ARGV: message before and after the count, closed ttl.
+# The complete records how many appends were accepted before it.
+_THREAD_COMPLETE = """
+local run_closed = redis.call('HGET', KEYS[2], 'closed')
+local thread_closed = redis.call('HGET', KEYS[3], 'closed')
+if not run_closed or not thread_closed then return 'missing' end
+if run_closed == '1' or thread_closed == '1' then return 'done' end
+redis.call('HSET', KEYS[3], 'closed', '1')
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('HINCRBY', KEYS[2], 'ops', 1)
+local expected = redis.call('HGET', KEYS[3], 'appends')
+redis.call('LPUSH', KEYS[1], ARGV[1] .. expected .. ARGV[2])
+return 'ok'
+"""
+
+# KEYS: queue, run. ARGV: message before and after the count, closed ttl.
+# The complete records how many operations on the run were accepted before it.
+_RUN_COMPLETE = """
+local closed = redis.call('HGET', KEYS[2], 'closed')
+if not closed then return 'missing' end
+if closed == '1' then return 'done' end
+redis.call('HSET', KEYS[2], 'closed', '1')
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+local expected = redis.call('HGET', KEYS[2], 'ops')
+redis.call('LPUSH', KEYS[1], ARGV[1] .. expected .. ARGV[2])
+return 'ok'
+"""
+
+# KEYS: key. ARGV: ttl, then field/value pairs. Creates the hash only if it is missing, so a rebuild
+# from the database never overwrites counts that the scripts above are keeping.
+_FILL = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def run_key(run_id: int) -> str:
+    return f"ingest:run:{run_id}"
+
+
+def thread_key(thread_id: int) -> str:
+    return f"ingest:thread:{thread_id}"
+
+
+def celery_message(queue: str, ops: list[Op]) -> bytes:
+    """A Celery protocol-2 message for the `ops.apply` task, as kombu's Redis transport stores it."""
+    task_id = str(uuid.uuid4())
+    body = orjson.dumps([[ops], {}, _EMBED]).decode()
+    return orjson.dumps({
+        "body": body,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py", "task": APPLY_TASK, "id": task_id, "shadow": None, "eta": None, "expires": None,
+            "group": None, "group_index": None, "retries": 0, "timelimit": [None, None],
+            "root_id": task_id, "parent_id": None,
+            # What Celery logs instead of the arguments: never the payload.
+            "argsrepr": f"<{len(ops)} ops>", "kwargsrepr": "{}",
+            "origin": _ORIGIN, "ignore_result": True,
+        },
+        "properties": {
+            "correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            # The body is JSON text, not base64: that lets a script splice a number into it.
+            "body_encoding": "utf-8",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    })
+
+
+def _split_at_placeholder(message: bytes) -> tuple[bytes, bytes]:
+    before, after = message.split(_PLACEHOLDER_BYTES)
+    return before, after
+
+
+class Queue:
+    def __init__(self, redis: Redis, queue: str) -> None:
+        self.redis = redis
+        self.queue = queue
+        self._append = redis.register_script(_APPEND)
+        self._run_append = redis.register_script(_RUN_APPEND)
+        self._thread_complete = redis.register_script(_THREAD_COMPLETE)
+        self._run_complete = redis.register_script(_RUN_COMPLETE)
+        self._fill = redis.register_script(_FILL)
+
+    async def thread_appends(self, ops: list[Any]) -> list[str] | None:
+        """Enqueue thread appends in one message; None when done, else a verdict per append."""
+        keys = [self.queue]
+        for op in ops:
+            keys += [run_key(op["run_id"]), thread_key(op["thread_id"])]
+        verdict = await self._append(keys=keys, args=[celery_message(self.queue, ops), OPEN_TTL_SECONDS])
+        if verdict == b"ok":
+            return None
+        return [v.decode() for v in verdict]
+
+    async def run_append(self, op: Any) -> str:
+        keys = [self.queue, run_key(op["run_id"])]
+        verdict = await self._run_append(keys=keys, args=[celery_message(self.queue, [op]), OPEN_TTL_SECONDS])
+        return str(verdict.decode())
+
+    async def thread_complete(self, op: Any) -> str:
+        keys = [self.queue, run_key(op["run_id"]), thread_key(op["thread_id"])]
+        before, after = _split_at_placeholder(celery_message(self.queue, [op]))
+        verdict = await self._thread_complete(keys=keys, args=[before, after, CLOSED_TTL_SECONDS])
+        return str(verdict.decode())
+
+    async def run_complete(self, op: Any) -> str:
+        keys = [self.queue, run_key(op["run_id"])]
+        before, after = _split_at_placeholder(celery_message(self.queue, [op]))
+        verdict = await self._run_complete(keys=keys, args=[before, after, CLOSED_TTL_SECONDS])
+        return str(verdict.decode())
+
+    async def fill(self, key: str, closed: bool, ttl: int = OPEN_TTL_SECONDS, **fields: int) -> None:
+        args: list[Any] = [CLOSED_TTL_SECONDS if closed else ttl, "closed", "1" if closed else "0"]
+        for name, value in fields.items():
+            args += [name, value]
+        await self._fill(keys=[key], args=args)

@@ -1,0 +1,87 @@
+"""The long-lived objects a shim process shares between requests."""
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from api_shim.auth import Authenticator
+from api_shim.queue import Queue
+from api_shim.state import State
+from schema.settings import Settings
+from schema.statuses import DEFAULT_STATUSES, Status, alias_map
+
+log = logging.getLogger(__name__)
+
+STATUS_REFRESH_SECONDS = 30.0
+
+
+@dataclass
+class StatusTable:
+    """The status table, refreshed in the background so that validation never waits on the database."""
+
+    statuses: list[Status] = field(default_factory=lambda: list(DEFAULT_STATUSES))
+    aliases: dict[str, int] = field(default_factory=lambda: alias_map(DEFAULT_STATUSES))
+
+    def context(self) -> dict[str, Any]:
+        return {"statuses": self.aliases}
+
+    async def refresh(self, engine: AsyncEngine) -> None:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text(
+                "SELECT id, name, system_name, color, is_final, is_untested, is_passed, is_failed, aliases "
+                "FROM statuses ORDER BY id"))).all()
+        self.statuses = [Status(*row[:8], aliases=tuple(row[8])) for row in rows]
+        self.aliases = alias_map(self.statuses)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    redis: Redis
+    queue: Queue
+    state: State
+    auth: Authenticator
+    statuses: StatusTable
+    _refresher: "asyncio.Task[None] | None" = None
+
+    @classmethod
+    def create(cls, settings: Settings) -> "Services":
+        engine = create_async_engine(
+            settings.database_url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_timeout=5,
+            connect_args={"connect_timeout": 3},
+        )
+        redis = Redis.from_url(settings.redis_url, max_connections=256, socket_timeout=5,
+                               socket_connect_timeout=3)
+        queue = Queue(redis, settings.queue)
+        return cls(settings, engine, redis, queue, State(engine, queue),
+                   Authenticator(redis, engine, settings.auth_cache_seconds), StatusTable())
+
+    async def start(self) -> None:
+        try:
+            await self.statuses.refresh(self.engine)
+        except Exception as exc:  # the database may be down at start; the defaults serve until it is back
+            log.warning("could not load statuses: %s", type(exc).__name__)
+        self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_REFRESH_SECONDS)
+            try:
+                await self.statuses.refresh(self.engine)
+            except Exception as exc:
+                log.warning("could not refresh statuses: %s", type(exc).__name__)
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await self.redis.aclose()
+        await self.engine.dispose()

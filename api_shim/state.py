@@ -1,0 +1,86 @@
+"""What the hot path needs to know about a run or thread, without asking PostgreSQL each time.
+
+Which run and project a thread belongs to never changes, so each process keeps it in memory. Whether a run
+or thread is still open, and how many operations it has accepted, lives in Redis (see `queue.py`) and is
+rebuilt from PostgreSQL when Redis has lost it.
+"""
+
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api_shim.queue import Queue, run_key, thread_key
+
+MAX_CACHED = 200_000
+
+
+@dataclass(frozen=True)
+class ThreadRef:
+    thread_id: int
+    run_id: int
+    project_id: int
+
+
+class State:
+    def __init__(self, engine: AsyncEngine, queue: Queue) -> None:
+        self.engine = engine
+        self.queue = queue
+        self._threads: dict[int, ThreadRef] = {}
+        self._runs: dict[int, int] = {}
+
+    def remember_run(self, run_id: int, project_id: int) -> None:
+        if len(self._runs) >= MAX_CACHED:
+            self._runs.clear()
+        self._runs[run_id] = project_id
+
+    def remember_thread(self, ref: ThreadRef) -> None:
+        if len(self._threads) >= MAX_CACHED:
+            self._threads.clear()
+        self._threads[ref.thread_id] = ref
+
+    async def run_project(self, run_id: int) -> int | None:
+        """The run's project, or None if there is no such run."""
+        project_id = self._runs.get(run_id)
+        if project_id is None:
+            raw = await self.queue.redis.hget(run_key(run_id), "project")
+            if raw is None:
+                if not await self.rebuild_run(run_id):
+                    return None
+                raw = await self.queue.redis.hget(run_key(run_id), "project")
+            project_id = int(raw)
+            self.remember_run(run_id, project_id)
+        return project_id
+
+    async def thread(self, thread_id: int) -> ThreadRef | None:
+        ref = self._threads.get(thread_id)
+        if ref is None:
+            run, project = await self.queue.redis.hmget(thread_key(thread_id), ["run", "project"])
+            if run is None or project is None:
+                ref = await self.rebuild_thread(thread_id)
+                if ref is None:
+                    return None
+            else:
+                ref = ThreadRef(thread_id, int(run), int(project))
+            self.remember_thread(ref)
+        return ref
+
+    async def rebuild_run(self, run_id: int) -> bool:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(text(
+                "SELECT project_id, is_completed OR ops_expected IS NOT NULL, ops_applied "
+                "FROM automation_runs WHERE id = :id"), {"id": run_id})).first()
+        if row is None:
+            return False
+        await self.queue.fill(run_key(run_id), closed=row[1], project=row[0], ops=row[2])
+        return True
+
+    async def rebuild_thread(self, thread_id: int) -> ThreadRef | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(text(
+                "SELECT run_id, project_id, is_completed OR appends_expected IS NOT NULL, appends_applied "
+                "FROM automation_run_threads WHERE id = :id"), {"id": thread_id})).first()
+        if row is None:
+            return None
+        await self.queue.fill(thread_key(thread_id), closed=row[2], run=row[0], project=row[1], appends=row[3])
+        return ThreadRef(thread_id, row[0], row[1])

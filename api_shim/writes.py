@@ -1,0 +1,199 @@
+"""The POST endpoints.
+
+Creating a run or a thread writes to PostgreSQL at once: the client needs the id. Appends and completes are
+validated, authorised and put on the queue (see `queue.py`), then answered 204; a worker applies them.
+"""
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api_shim.errors import already_completed, invalid, not_found
+from api_shim.http import json_response, no_content, now_iso, parse, path_id, read_body, services
+from api_shim.queue import EXPECTED_PLACEHOLDER, run_key, thread_key
+from api_shim.services import Services
+from api_shim.state import ThreadRef
+from schema.requests import (
+    RunAppend,
+    RunComplete,
+    RunCreate,
+    ThreadAppend,
+    ThreadComplete,
+    ThreadCreate,
+    dump,
+)
+
+
+def _new_op(kind: str, run_id: int, user_id: int) -> dict[str, Any]:
+    return {"kind": kind, "id": str(uuid.uuid4()), "run_id": run_id, "user_id": user_id, "at": now_iso()}
+
+
+async def _enqueue(s: Services, run_id: int, thread_id: int | None,
+                   push: Callable[[], Awaitable[str]]) -> str:
+    """Run a queue script; if Redis had lost the run's or thread's state, rebuild it once and retry."""
+    verdict = await push()
+    if verdict == "missing":
+        await s.state.rebuild_run(run_id)
+        if thread_id is not None:
+            await s.state.rebuild_thread(thread_id)
+        verdict = await push()
+    return verdict
+
+
+async def _thread_ref(request: Request) -> tuple[Services, ThreadRef, int]:
+    s = services(request)
+    principal = await s.auth.authenticate(request.headers.get("authorization"))
+    thread_id = path_id(request, "thread_id", "Thread")
+    ref = await s.state.thread(thread_id)
+    if ref is None:
+        raise not_found("Thread")
+    principal.authorize(ref.project_id)
+    return s, ref, principal.user_id
+
+
+async def _run_ref(request: Request) -> tuple[Services, int, int]:
+    s = services(request)
+    principal = await s.auth.authenticate(request.headers.get("authorization"))
+    run_id = path_id(request, "run_id", "Run")
+    project_id = await s.state.run_project(run_id)
+    if project_id is None:
+        raise not_found("Run")
+    principal.authorize(project_id)
+    return s, run_id, principal.user_id
+
+
+# --- the hot path ------------------------------------------------------------------------------------------
+
+async def thread_append(request: Request) -> Response:
+    s, ref, user_id = await _thread_ref(request)
+    body = parse(ThreadAppend, await read_body(request, s.settings.max_body_bytes), s.statuses.context())
+    op = _new_op("thread.append", ref.run_id, user_id) | {"thread_id": ref.thread_id}
+    op |= body.model_dump(mode="json", exclude_defaults=True)
+
+    async def push() -> str:
+        verdicts = await s.queue.thread_appends([op])
+        return verdicts[0] if verdicts else "ok"
+
+    if await _enqueue(s, ref.run_id, ref.thread_id, push) != "ok":
+        raise already_completed("thread")
+    return no_content()
+
+
+async def thread_complete(request: Request) -> Response:
+    s, ref, user_id = await _thread_ref(request)
+    body = parse(ThreadComplete, await read_body(request, s.settings.max_body_bytes))
+    op = _new_op("thread.complete", ref.run_id, user_id) | {"thread_id": ref.thread_id}
+    op |= dump(body) | {"expected": EXPECTED_PLACEHOLDER}
+    # "done" (completed already, or its run is) is fine too: completing twice is safe for retries.
+    await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.queue.thread_complete(op))
+    return no_content()
+
+
+async def run_append(request: Request) -> Response:
+    s, run_id, user_id = await _run_ref(request)
+    body = parse(RunAppend, await read_body(request, s.settings.max_body_bytes))
+    op = _new_op("run.append", run_id, user_id) | body.model_dump(mode="json", exclude_defaults=True)
+    if await _enqueue(s, run_id, None, lambda: s.queue.run_append(op)) != "ok":
+        raise already_completed("run")
+    return no_content()
+
+
+async def run_complete(request: Request) -> Response:
+    s, run_id, user_id = await _run_ref(request)
+    body = parse(RunComplete, await read_body(request, s.settings.max_body_bytes))
+    op = _new_op("run.complete", run_id, user_id)
+    op |= {"measure_elapsed": body.measure_elapsed, "expected": EXPECTED_PLACEHOLDER}
+    await _enqueue(s, run_id, None, lambda: s.queue.run_complete(op))
+    return no_content()
+
+
+# --- creates -----------------------------------------------------------------------------------------------
+
+async def create_run(request: Request) -> Response:
+    s = services(request)
+    principal = await s.auth.authenticate(request.headers.get("authorization"))
+    project_id = path_id(request, "project_id", "Project")
+    async with s.engine.connect() as conn:
+        exists = (await conn.execute(text("SELECT 1 FROM projects WHERE id = :id"), {"id": project_id})).first()
+    if exists is None:
+        raise not_found("Project")
+    principal.authorize(project_id)
+    body = parse(RunCreate, await read_body(request, s.settings.max_body_bytes))
+
+    async with s.engine.begin() as conn:
+        config_id = await _resolve(conn, "configs", project_id, body.config_id, body.config, "config")
+        milestone_id = await _resolve(conn, "milestones", project_id, body.milestone_id, body.milestone,
+                                      "milestone")
+        # An unknown source is created on first use; DO UPDATE (a no-op) makes RETURNING see an existing row.
+        source_id = (await conn.execute(text(
+            "INSERT INTO automation_sources (project_id, name) VALUES (:p, :n) "
+            "ON CONFLICT (project_id, name) DO UPDATE SET name = excluded.name RETURNING id"),
+            {"p": project_id, "n": body.source})).scalar_one()
+        run_id = (await conn.execute(text(
+            "INSERT INTO automation_runs (project_id, source_id, name, config_id, milestone_id, tags, "
+            "  artifacts, fields, links, created_by) "
+            "VALUES (:project, :source, :name, :config, :milestone, :tags, "
+            "  cast(:artifacts AS jsonb), cast(:fields AS jsonb), cast(:links AS jsonb), :user) RETURNING id"),
+            {"project": project_id, "source": source_id, "name": body.name, "config": config_id,
+             "milestone": milestone_id, "tags": body.tags, "user": principal.user_id,
+             **_json_columns(body, "artifacts", "fields", "links")})).scalar_one()
+    await s.queue.fill(run_key(run_id), closed=False, project=project_id, ops=0)
+    s.state.remember_run(run_id, project_id)
+    return json_response({"id": run_id}, 201)
+
+
+async def create_thread(request: Request) -> Response:
+    s, run_id, user_id = await _run_ref(request)
+    body = parse(ThreadCreate, await read_body(request, s.settings.max_body_bytes))
+    if await s.queue.redis.hget(run_key(run_id), "closed") == b"1":
+        raise already_completed("run")
+    async with s.engine.begin() as conn:
+        # Counting the thread on the run row also orders this insert against the run's finalisation: if the
+        # run is finalised first this matches no row; if this commits first, finalisation sees the thread.
+        run = (await conn.execute(text(
+            "UPDATE automation_runs SET thread_count = thread_count + 1 "
+            "WHERE id = :id AND NOT is_completed AND ops_expected IS NULL RETURNING project_id, thread_count"),
+            {"id": run_id})).first()
+        if run is None:
+            raise already_completed("run")
+        project_id, index = run
+        thread_id = (await conn.execute(text(
+            "INSERT INTO automation_run_threads (run_id, project_id, index, name, elapsed_observed, "
+            "  elapsed_computed, artifacts, fields, created_by) "
+            "VALUES (:run, :project, :index, :name, :observed, :computed, "
+            "  cast(:artifacts AS jsonb), cast(:fields AS jsonb), :user) RETURNING id"),
+            {"run": run_id, "project": project_id, "index": index, "name": body.name,
+             "observed": body.elapsed_observed, "computed": body.elapsed_computed, "user": user_id,
+             **_json_columns(body, "artifacts", "fields")})).scalar_one()
+    await s.queue.fill(thread_key(thread_id), closed=False, run=run_id, project=project_id, appends=0)
+    s.state.remember_thread(ThreadRef(thread_id, run_id, project_id))
+    return json_response({"id": thread_id}, 201)
+
+
+def _json_columns(body: RunCreate | ThreadCreate, *names: str) -> dict[str, str]:
+    dumped = body.model_dump(mode="json", include=set(names))
+    return {name: orjson.dumps(dumped[name]).decode() for name in names}
+
+
+async def _resolve(conn: AsyncConnection, table: str, project_id: int, given_id: int | None,
+                   given_name: str | None, field: str) -> int | None:
+    """A config or milestone by id (which wins) or by name; it must exist in the project."""
+    if given_id is not None:
+        found = (await conn.execute(text(f"SELECT id FROM {table} WHERE id = :v AND project_id = :p"),
+                                    {"v": given_id, "p": project_id})).scalar()
+        if found is None:
+            raise invalid(f"{field}_id", f"No {field} with id {given_id} exists in this project.")
+        return int(found)
+    if given_name is not None:
+        found = (await conn.execute(text(f"SELECT id FROM {table} WHERE name = :v AND project_id = :p"),
+                                    {"v": given_name, "p": project_id})).scalar()
+        if found is None:
+            raise invalid(field, f"No {field} named '{given_name}' exists in this project.")
+        return int(found)
+    return None

@@ -1,0 +1,1 @@
+"""The `ingest` command: serve, work, migrate, administer."""

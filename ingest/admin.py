@@ -1,0 +1,81 @@
+"""Administrative operations on projects, users, tokens, configs and milestones."""
+
+import secrets
+
+from redis import Redis
+from sqlalchemy import Connection, create_engine, text
+
+from schema.settings import Settings
+from schema.tokens import auth_key, token_hash
+
+
+class AdminError(Exception):
+    pass
+
+
+class Admin:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = create_engine(settings.database_url)
+        self.redis = Redis.from_url(settings.redis_url)
+
+    def create_project(self, name: str, exist_ok: bool = False) -> int:
+        with self.engine.begin() as conn:
+            row = conn.execute(text("INSERT INTO projects (name) VALUES (:n) ON CONFLICT (name) DO NOTHING "
+                                    "RETURNING id"), {"n": name}).first()
+            if row is not None:
+                return int(row[0])
+            if not exist_ok:
+                raise AdminError(f"a project named {name!r} exists already")
+            return int(conn.execute(text("SELECT id FROM projects WHERE name = :n"), {"n": name}).scalar_one())
+
+    def create_named(self, table: str, project_id: int, name: str) -> int:
+        """A config or a milestone in a project."""
+        assert table in ("configs", "milestones")
+        with self.engine.begin() as conn:
+            self._require_project(conn, project_id)
+            row = conn.execute(text(f"INSERT INTO {table} (project_id, name) VALUES (:p, :n) "
+                                    "ON CONFLICT (project_id, name) DO NOTHING RETURNING id"),
+                               {"p": project_id, "n": name}).first()
+            if row is None:
+                raise AdminError(f"{table[:-1]} {name!r} exists already in project {project_id}")
+            return int(row[0])
+
+    def create_token(self, user: str, project_ids: list[int]) -> str:
+        """A new token for `user` (created if needed), who is granted access to `project_ids`."""
+        token = "ingest_" + secrets.token_urlsafe(30)
+        with self.engine.begin() as conn:
+            for project_id in project_ids:
+                self._require_project(conn, project_id)
+            user_id = conn.execute(text(
+                "INSERT INTO users (name) VALUES (:n) ON CONFLICT (name) DO UPDATE SET name = excluded.name "
+                "RETURNING id"), {"n": user}).scalar_one()
+            for project_id in project_ids:
+                conn.execute(text("INSERT INTO project_members (project_id, user_id) VALUES (:p, :u) "
+                                  "ON CONFLICT DO NOTHING"), {"p": project_id, "u": user_id})
+            conn.execute(text("INSERT INTO api_tokens (user_id, token_hash) VALUES (:u, :h)"),
+                         {"u": user_id, "h": token_hash(token)})
+            self._forget_user_tokens(conn, user_id)
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        hashed = token_hash(token)
+        with self.engine.begin() as conn:
+            row = conn.execute(text("UPDATE api_tokens SET revoked_at = now() "
+                                    "WHERE token_hash = :h AND revoked_at IS NULL RETURNING id"),
+                               {"h": hashed}).first()
+        if row is None:
+            raise AdminError("no such active token")
+        self.redis.delete(auth_key(hashed))
+
+    def _forget_user_tokens(self, conn: Connection, user_id: int) -> None:
+        # The shims cache what a token may reach; a grant must not wait for that cache to expire.
+        hashes = conn.execute(text("SELECT token_hash FROM api_tokens WHERE user_id = :u"),
+                              {"u": user_id}).scalars().all()
+        if hashes:
+            self.redis.delete(*(auth_key(h) for h in hashes))
+
+    @staticmethod
+    def _require_project(conn: Connection, project_id: int) -> None:
+        if conn.execute(text("SELECT 1 FROM projects WHERE id = :p"), {"p": project_id}).first() is None:
+            raise AdminError(f"no project with id {project_id}")

@@ -1,0 +1,106 @@
+"""`ingest`: the one command operators use. `ingest --help` lists what it does."""
+
+import argparse
+import logging
+import sys
+
+from schema.settings import get_settings
+
+
+def _db_upgrade(_: argparse.Namespace) -> None:
+    from schema.db import upgrade
+
+    upgrade()
+
+
+def _api(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        "api_shim.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+        ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, loop="uvloop", http="httptools",
+        access_log=False, log_level=get_settings().log_level.lower(), backlog=4096,
+        timeout_keep_alive=30,
+    )
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from worker.app import app
+
+    settings = get_settings()
+    app.worker_main([
+        "worker", "--queues", settings.queue, "--concurrency", str(args.concurrency or settings.worker_concurrency),
+        "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
+    ])
+
+
+def _admin(args: argparse.Namespace) -> None:
+    from ingest.admin import Admin
+
+    admin = Admin(get_settings())
+    if args.what == "project":
+        print(admin.create_project(args.name, exist_ok=args.exist_ok))
+    elif args.what in ("config", "milestone"):
+        print(admin.create_named(args.what + "s", args.project, args.name))
+    elif args.what == "token" and args.action == "create":
+        print(admin.create_token(args.user, args.project))
+    elif args.what == "token" and args.action == "revoke":
+        admin.revoke_token(args.token)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ingest", description=__doc__)
+    sub = p.add_subparsers(required=True)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(required=True)
+    db.add_parser("upgrade", help="create the database if missing, then migrate it").set_defaults(func=_db_upgrade)
+
+    api = sub.add_parser("api", help="serve the HTTP API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1, help="server processes")
+    api.add_argument("--tls-cert", help="certificate file (PEM); serve HTTPS, which the testmo CLI requires")
+    api.add_argument("--tls-key", help="private key file (PEM)")
+    api.set_defaults(func=_api)
+
+    worker = sub.add_parser("worker", help="apply queued operations to the database")
+    worker.add_argument("--concurrency", type=int, help="worker processes (default INGEST_WORKER_CONCURRENCY)")
+    worker.set_defaults(func=_worker)
+
+    admin = sub.add_parser("admin", help="projects, tokens, configs, milestones").add_subparsers(required=True)
+    project = admin.add_parser("project").add_subparsers(required=True)
+    create = project.add_parser("create", help="create a project; prints its id")
+    create.add_argument("name")
+    create.add_argument("--exist-ok", action="store_true", help="print the id of an existing project")
+    create.set_defaults(func=_admin, what="project")
+    for what in ("config", "milestone"):
+        named = admin.add_parser(what).add_subparsers(required=True)
+        create = named.add_parser("create", help=f"create a {what} in a project; prints its id")
+        create.add_argument("--project", type=int, required=True)
+        create.add_argument("name")
+        create.set_defaults(func=_admin, what=what)
+    token = admin.add_parser("token").add_subparsers(required=True)
+    create = token.add_parser("create", help="create a token for a user (created if needed); prints it")
+    create.add_argument("--user", required=True)
+    create.add_argument("--project", type=int, action="append", required=True, help="grant access; repeatable")
+    create.set_defaults(func=_admin, what="token", action="create")
+    revoke = token.add_parser("revoke", help="revoke a token")
+    revoke.add_argument("token")
+    revoke.set_defaults(func=_admin, what="token", action="revoke")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    from ingest.admin import AdminError
+
+    try:
+        args.func(args)
+    except AdminError as exc:
+        print(f"ingest: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

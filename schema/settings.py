@@ -1,0 +1,29 @@
+from functools import lru_cache
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob comes from an `INGEST_*` environment variable; the defaults work on a developer machine."""
+
+    model_config = SettingsConfigDict(env_prefix="INGEST_", extra="ignore")
+
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/ingest"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # The Celery queue (a Redis list of this name) that carries every append and complete.
+    queue: str = "ingest"
+    max_body_bytes: int = 10 * 1024 * 1024
+    # How long a shim process trusts what it cached about a token before asking Redis again;
+    # it bounds how long a revoked token keeps working.
+    auth_cache_seconds: float = 10.0
+    # Seconds a client is told to wait when a dependency is down.
+    retry_after_seconds: int = 5
+    worker_concurrency: int = 2
+    # Messages a worker child reserves ahead of the one it applies.
+    worker_prefetch: int = 4
+    log_level: str = "INFO"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,211 @@
+"""PostgreSQL tables. The Alembic migrations in `schema/migrations` must match these (`alembic check`)."""
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+
+from schema.statuses import COUNT_COLUMNS
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+NOW = text("now()")
+EMPTY_JSON_LIST = text("'[]'::jsonb")
+
+
+def _id() -> Column[int]:
+    return Column("id", BigInteger, Identity(), primary_key=True)
+
+
+def _created_at() -> Column[object]:
+    return Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW)
+
+
+def _counters() -> list[Column[int]]:
+    # One column per status id; success/failure/completed/total are derived from the status flags on read,
+    # so an administrator editing a status never leaves a stale aggregate behind.
+    return [Column(name, Integer, nullable=False, server_default=text("0")) for name in COUNT_COLUMNS]
+
+
+projects = Table(
+    "projects", metadata,
+    _id(),
+    Column("name", Text, nullable=False, unique=True),
+    _created_at(),
+)
+
+users = Table(
+    "users", metadata,
+    _id(),
+    Column("name", Text, nullable=False, unique=True),
+    Column("email", Text),
+    _created_at(),
+)
+
+api_tokens = Table(
+    "api_tokens", metadata,
+    _id(),
+    Column("user_id", BigInteger, ForeignKey("users.id"), nullable=False, index=True),
+    # SHA-256 of the token, hex: the token itself is shown once and never stored.
+    Column("token_hash", Text, nullable=False, unique=True),
+    _created_at(),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+project_members = Table(
+    "project_members", metadata,
+    Column("project_id", BigInteger, ForeignKey("projects.id"), primary_key=True),
+    Column("user_id", BigInteger, ForeignKey("users.id"), primary_key=True),
+)
+
+statuses = Table(
+    "statuses", metadata,
+    Column("id", SmallInteger, primary_key=True, autoincrement=False),
+    Column("name", Text, nullable=False),
+    Column("system_name", Text, nullable=False, unique=True),
+    Column("color", Text, nullable=False),
+    Column("is_final", Boolean, nullable=False),
+    Column("is_untested", Boolean, nullable=False),
+    Column("is_passed", Boolean, nullable=False),
+    Column("is_failed", Boolean, nullable=False),
+    Column("aliases", ARRAY(Text), nullable=False),
+)
+
+
+def _named_in_project(name: str) -> Table:
+    return Table(
+        name, metadata,
+        _id(),
+        Column("project_id", BigInteger, ForeignKey("projects.id"), nullable=False),
+        Column("name", Text, nullable=False),
+        _created_at(),
+        UniqueConstraint("project_id", "name"),
+    )
+
+
+automation_sources = _named_in_project("automation_sources")
+configs = _named_in_project("configs")
+milestones = _named_in_project("milestones")
+
+automation_runs = Table(
+    "automation_runs", metadata,
+    _id(),
+    Column("project_id", BigInteger, ForeignKey("projects.id"), nullable=False),
+    Column("source_id", BigInteger, ForeignKey("automation_sources.id"), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("config_id", BigInteger, ForeignKey("configs.id")),
+    Column("milestone_id", BigInteger, ForeignKey("milestones.id")),
+    Column("status", SmallInteger, nullable=False, server_default=text("4")),
+    Column("is_completed", Boolean, nullable=False, server_default=text("false")),
+    Column("elapsed", BigInteger),
+    Column("tags", ARRAY(Text), nullable=False, server_default=text("'{}'")),
+    Column("artifacts", JSONB, nullable=False, server_default=EMPTY_JSON_LIST),
+    Column("fields", JSONB, nullable=False, server_default=EMPTY_JSON_LIST),
+    Column("links", JSONB, nullable=False, server_default=EMPTY_JSON_LIST),
+    *_counters(),
+    # Bumped when a thread is created (which also gives the thread its index) and when one is finalised.
+    Column("thread_count", Integer, nullable=False, server_default=text("0")),
+    Column("thread_completed_count", Integer, nullable=False, server_default=text("0")),
+    # Completion barrier: queued operations on this run (run appends, thread appends and thread completes)
+    # applied so far, and how many the shim had accepted when the run's complete was accepted.
+    Column("ops_applied", Integer, nullable=False, server_default=text("0")),
+    Column("ops_expected", Integer),
+    Column("measure_elapsed", Boolean),
+    Column("complete_requested_at", DateTime(timezone=True)),
+    Column("complete_requested_by", BigInteger),
+    _created_at(),
+    Column("created_by", BigInteger, ForeignKey("users.id"), nullable=False),
+    Column("updated_at", DateTime(timezone=True)),
+    Column("updated_by", BigInteger),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("completed_by", BigInteger),
+    Index(None, "project_id", "created_at"),
+)
+
+automation_run_threads = Table(
+    "automation_run_threads", metadata,
+    _id(),
+    Column("run_id", BigInteger, ForeignKey("automation_runs.id"), nullable=False, index=True),
+    Column("project_id", BigInteger, nullable=False),
+    Column("index", Integer, nullable=False),
+    Column("name", Text),
+    Column("status", SmallInteger, nullable=False, server_default=text("4")),
+    Column("is_completed", Boolean, nullable=False, server_default=text("false")),
+    Column("elapsed_observed", BigInteger),
+    Column("elapsed_computed", BigInteger),
+    # Sum of the results' own elapsed: the thread's elapsed when the client reported neither of the above.
+    Column("results_elapsed", BigInteger),
+    Column("artifacts", JSONB, nullable=False, server_default=EMPTY_JSON_LIST),
+    Column("fields", JSONB, nullable=False, server_default=EMPTY_JSON_LIST),
+    *_counters(),
+    # Completion barrier: appends applied, and appends accepted when the thread's complete was accepted.
+    Column("appends_applied", Integer, nullable=False, server_default=text("0")),
+    Column("appends_expected", Integer),
+    Column("complete_requested_at", DateTime(timezone=True)),
+    Column("complete_requested_by", BigInteger),
+    _created_at(),
+    Column("created_by", BigInteger, nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("completed_by", BigInteger),
+)
+
+# One row per test result. No foreign keys: the worker writes results only for threads it holds locked,
+# and a per-row key check would double the cost of the COPY that carries them.
+automation_results = Table(
+    "automation_results", metadata,
+    _id(),
+    Column("run_id", BigInteger, nullable=False),
+    Column("thread_id", BigInteger, nullable=False, index=True),
+    Column("status_id", SmallInteger, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("folder", Text),
+    Column("elapsed", BigInteger),
+    Column("file", Text),
+    Column("line", Integer),
+    Column("assertions", Integer),
+    Column("fields", JSONB),
+    Column("artifacts", JSONB),
+    _created_at(),
+)
+
+# The idempotency inbox: a queued operation's id is claimed in the same transaction as its effect.
+applied_ops = Table(
+    "applied_ops", metadata,
+    Column("id", UUID(as_uuid=False), primary_key=True),
+    Column("applied_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+)
+
+# Operations that could not be applied: kept with their payload and error, replayable.
+dead_letters = Table(
+    "dead_letters", metadata,
+    _id(),
+    Column("op_id", UUID(as_uuid=False), nullable=False, unique=True),
+    Column("kind", Text, nullable=False),
+    Column("run_id", BigInteger),
+    Column("thread_id", BigInteger),
+    Column("payload", JSONB, nullable=False),
+    Column("error", Text, nullable=False),
+    _created_at(),
+    Column("replayed_at", DateTime(timezone=True)),
+)

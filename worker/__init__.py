@@ -1,0 +1,1 @@
+"""Celery workers: take operations off the queue and apply them to PostgreSQL."""

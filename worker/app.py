@@ -1,0 +1,36 @@
+"""The Celery application. Task options live here, in one place, not on the task decorators."""
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from schema.settings import get_settings
+from worker import db
+
+settings = get_settings()
+
+app = Celery("ingest", broker=settings.redis_url, include=["worker.tasks"])
+app.conf.update(
+    task_default_queue=settings.queue,
+    task_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    # A message is acknowledged only after its transaction committed; a worker that dies mid-batch leaves
+    # it to be delivered again, and the claimed ids make the second delivery harmless.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=settings.worker_prefetch,
+    worker_concurrency=settings.worker_concurrency,
+    broker_connection_retry_on_startup=True,
+    # How long a reserved, unacknowledged message waits before Redis hands it to another worker
+    # (a worker killed outright never acknowledges).
+    broker_transport_options={"visibility_timeout": 300},
+    worker_hijack_root_logger=False,
+)
+
+
+@worker_process_init.connect
+def _fresh_pool(**_: Any) -> None:
+    # A forked child must not share the parent's database sockets.
+    db.reset_engine()

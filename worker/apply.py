@@ -1,0 +1,398 @@
+"""Applying a batch of queued operations to PostgreSQL, in the caller's transaction.
+
+The order of work in `apply_ops` is what keeps parallel workers correct and free of deadlocks:
+
+1. claim the operation ids (sorted), so that a redelivered operation is skipped;
+2. lock the threads concerned (sorted by id), compute their new state in Python from the locked rows,
+   write the results by COPY and each thread's new state with one UPDATE;
+3. lock the runs concerned (sorted by id), add the threads' changes, and finalise any run whose
+   completion barrier is met.
+
+Every transaction takes its locks in that order: claims, threads, runs. Finalising a run then locks the
+run's remaining open threads after the run itself. That is safe: a run is finalised only once every
+operation accepted for it has been applied, so no other transaction holds or waits for those threads.
+"""
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection
+
+from schema.messages import JsonObject, Op, ThreadAppendOp, ThreadCompleteOp
+from schema.statuses import COUNT_COLUMNS, RUN_STATUS_FAILED, RUN_STATUS_PASSED
+
+N_STATUSES = len(COUNT_COLUMNS)
+_COUNTS = ", ".join(COUNT_COLUMNS)
+_SET_COUNTS = ", ".join(f"{c} = %s" for c in COUNT_COLUMNS)
+
+RESULT_COLUMNS = ("run_id", "thread_id", "status_id", "key", "name", "folder", "elapsed", "file", "line",
+                  "assertions", "fields", "artifacts", "created_at")
+COPY_RESULTS = f"COPY automation_results ({', '.join(RESULT_COLUMNS)}) FROM STDIN"
+
+
+@dataclass
+class ThreadState:
+    id: int
+    run_id: int
+    is_completed: bool
+    counts: list[int]
+    appends_applied: int
+    appends_expected: int | None
+    elapsed_observed: int | None
+    elapsed_computed: int | None
+    results_elapsed: int | None
+    complete_requested_at: datetime | None
+    complete_requested_by: int | None
+    # Set when this batch finalises the thread.
+    status: int | None = None
+    # What this batch adds, kept apart so the run can add the same.
+    delta: list[int] = field(default_factory=lambda: [0] * N_STATUSES)
+    new_fields: list[JsonObject] = field(default_factory=list)
+    new_artifacts: list[JsonObject] = field(default_factory=list)
+    changed: bool = False
+    finalised: bool = False
+
+
+@dataclass
+class RunState:
+    id: int
+    is_completed: bool
+    counts: list[int]
+    created_at: datetime
+    thread_completed_count: int
+    ops_applied: int
+    ops_expected: int | None
+    measure_elapsed: bool | None
+    complete_requested_at: datetime | None
+    complete_requested_by: int | None
+    updated_at: datetime | None
+    updated_by: int | None
+    # Set when this batch finalises the run.
+    status: int | None = None
+    elapsed: int | None = None
+    new_fields: list[JsonObject] = field(default_factory=list)
+    new_links: list[JsonObject] = field(default_factory=list)
+    new_artifacts: list[JsonObject] = field(default_factory=list)
+    changed: bool = False
+
+
+@dataclass
+class Outcome:
+    applied: int = 0
+    duplicates: int = 0
+    results: int = 0
+    dead: list[tuple[Op, str]] = field(default_factory=list)
+    threads_completed: list[int] = field(default_factory=list)
+    runs_completed: list[int] = field(default_factory=list)
+
+
+def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
+    outcome = Outcome()
+    fresh = claim(conn, ops)
+    outcome.duplicates = len(ops) - len(fresh)
+    if not fresh:
+        return outcome
+    failed_ids = failed_status_ids(conn)
+
+    # Threads first.
+    threads = lock_threads(conn, sorted({op["thread_id"] for op in fresh if "thread_id" in op}))
+    rows: list[tuple[Any, ...]] = []
+    survivors: list[Op] = []
+    for op in fresh:
+        error = None
+        if op["kind"] == "thread.append":
+            error = _thread_append(threads.get(op["thread_id"]), op, rows)
+        elif op["kind"] == "thread.complete":
+            error = _thread_complete(threads.get(op["thread_id"]), op)
+        if error:
+            outcome.dead.append((op, error))
+        else:
+            survivors.append(op)
+    copy_results(conn, rows)
+    outcome.results = len(rows)
+    for thread in threads.values():
+        if _thread_ready(thread):
+            _finalise_thread(thread, failed_ids)
+            outcome.threads_completed.append(thread.id)
+    write_threads(conn, [t for t in threads.values() if t.changed])
+
+    # Then runs. A thread's run comes from its locked row, not from the message.
+    def run_id(op: Op) -> int:
+        thread = threads.get(op["thread_id"]) if "thread_id" in op else None
+        return thread.run_id if thread else op["run_id"]
+
+    runs = lock_runs(conn, sorted({run_id(op) for op in survivors}))
+    for op in survivors:
+        error = _run_op(runs.get(run_id(op)), op)
+        if error:
+            outcome.dead.append((op, error))
+    for thread in threads.values():
+        run = runs[thread.run_id]
+        if thread.changed:
+            run.counts = [a + b for a, b in zip(run.counts, thread.delta, strict=True)]
+            run.thread_completed_count += thread.finalised
+            run.changed = True
+    for run in runs.values():
+        if _run_ready(run):
+            finalise_run(conn, run, failed_ids)
+            outcome.runs_completed.append(run.id)
+        if run.changed:
+            write_run(conn, run)
+
+    if outcome.dead:
+        dead_letter(conn, outcome.dead)
+    outcome.applied = len(fresh) - len(outcome.dead)
+    return outcome
+
+
+# --- operations on threads ---------------------------------------------------------------------------------
+
+def _thread_append(thread: ThreadState | None, op: ThreadAppendOp, rows: list[tuple[Any, ...]]) -> str | None:
+    if thread is None:
+        return "unknown thread"
+    if thread.is_completed:
+        return "thread already completed"
+    at = op["at"]
+    elapsed_sum = 0
+    has_elapsed = False
+    for test in op.get("tests", ()):
+        status = test["status"]
+        thread.counts[status - 1] += 1
+        thread.delta[status - 1] += 1
+        elapsed = test.get("elapsed")
+        if elapsed is not None:
+            elapsed_sum += elapsed
+            has_elapsed = True
+        fields = test.get("fields")
+        artifacts = test.get("artifacts")
+        rows.append((
+            thread.run_id, thread.id, status, test["key"], test["name"], test.get("folder"), elapsed,
+            test.get("file"), test.get("line"), test.get("assertions"),
+            orjson.dumps(fields).decode() if fields else None,
+            orjson.dumps(artifacts).decode() if artifacts else None,
+            at,
+        ))
+    if has_elapsed:
+        thread.results_elapsed = (thread.results_elapsed or 0) + elapsed_sum
+    _add_elapsed(thread, op)
+    thread.new_fields.extend(op.get("fields", ()))
+    thread.new_artifacts.extend(op.get("artifacts", ()))
+    thread.appends_applied += 1
+    thread.changed = True
+    return None
+
+
+def _thread_complete(thread: ThreadState | None, op: ThreadCompleteOp) -> str | None:
+    if thread is None:
+        return "unknown thread"
+    if thread.is_completed or thread.appends_expected is not None:
+        return None  # completed already (by its run, say): completing again changes nothing
+    _add_elapsed(thread, op)
+    thread.appends_expected = op["expected"]
+    thread.complete_requested_at = datetime.fromisoformat(op["at"])
+    thread.complete_requested_by = op["user_id"]
+    thread.changed = True
+    return None
+
+
+def _add_elapsed(thread: ThreadState, op: ThreadAppendOp | ThreadCompleteOp) -> None:
+    # Clients report elapsed time in parts (on create, appends and complete); the thread's is their sum.
+    observed = op.get("elapsed_observed")
+    if observed is not None:
+        thread.elapsed_observed = (thread.elapsed_observed or 0) + observed
+    computed = op.get("elapsed_computed")
+    if computed is not None:
+        thread.elapsed_computed = (thread.elapsed_computed or 0) + computed
+
+
+def _thread_ready(thread: ThreadState) -> bool:
+    return (not thread.is_completed and thread.appends_expected is not None
+            and thread.appends_applied >= thread.appends_expected)
+
+
+def _finalise_thread(thread: ThreadState, failed_ids: list[int]) -> None:
+    failures = sum(thread.counts[i - 1] for i in failed_ids)
+    thread.status = RUN_STATUS_FAILED if failures else RUN_STATUS_PASSED
+    thread.is_completed = True
+    thread.finalised = True
+    thread.changed = True
+
+
+# --- operations on runs ------------------------------------------------------------------------------------
+
+def _run_op(run: RunState | None, op: Op) -> str | None:
+    if run is None:
+        return "unknown run"
+    run.changed = True
+    if op["kind"] == "run.complete":
+        if not run.is_completed and run.ops_expected is None:
+            run.ops_expected = op["expected"]
+            run.measure_elapsed = op["measure_elapsed"]
+            run.complete_requested_at = datetime.fromisoformat(op["at"])
+            run.complete_requested_by = op["user_id"]
+        return None
+    if op["kind"] == "run.append":
+        if run.is_completed:
+            return "run already completed"
+        run.new_fields.extend(op.get("fields", ()))
+        run.new_links.extend(op.get("links", ()))
+        run.new_artifacts.extend(op.get("artifacts", ()))
+        run.updated_at = datetime.fromisoformat(op["at"])
+        run.updated_by = op["user_id"]
+    # Run appends and every thread operation count towards the run's completion barrier.
+    run.ops_applied += 1
+    return None
+
+
+def _run_ready(run: RunState) -> bool:
+    return not run.is_completed and run.ops_expected is not None and run.ops_applied >= run.ops_expected
+
+
+def finalise_run(conn: Connection, run: RunState, failed_ids: list[int]) -> None:
+    """Complete the run and its open threads; its counters are final from here on."""
+    failures = " + ".join(COUNT_COLUMNS[i - 1] for i in failed_ids) or "0"
+    closed = conn.exec_driver_sql(
+        f"UPDATE automation_run_threads SET is_completed = true, "
+        f"status = CASE WHEN {failures} > 0 THEN {RUN_STATUS_FAILED} ELSE {RUN_STATUS_PASSED} END, "
+        f"completed_at = %(at)s, completed_by = %(by)s "
+        f"WHERE run_id = %(run)s AND NOT is_completed RETURNING id",
+        {"at": run.complete_requested_at, "by": run.complete_requested_by, "run": run.id},
+    ).fetchall()
+    run.thread_completed_count += len(closed)
+    assert run.complete_requested_at is not None
+    if run.measure_elapsed:
+        run.elapsed = int((run.complete_requested_at - run.created_at).total_seconds() * 1_000_000)
+    else:
+        run.elapsed = conn.exec_driver_sql(
+            "SELECT max(coalesce(elapsed_observed, elapsed_computed, results_elapsed)) "
+            "FROM automation_run_threads WHERE run_id = %(run)s",
+            {"run": run.id},
+        ).scalar()
+    run.status = RUN_STATUS_FAILED if sum(run.counts[i - 1] for i in failed_ids) else RUN_STATUS_PASSED
+    run.is_completed = True
+    run.changed = True
+
+
+# --- SQL -----------------------------------------------------------------------------------------------------
+
+def claim(conn: Connection, ops: list[Op]) -> list[Op]:
+    """Claim the ids of `ops`; return those not claimed before, in their original order.
+
+    Sorting makes concurrent claims of overlapping id sets queue up instead of deadlocking. A second
+    transaction claiming an id the first has not committed yet waits for it, then skips the id.
+    """
+    ids = sorted({op["id"] for op in ops})
+    claimed = {
+        str(row[0]) for row in conn.exec_driver_sql(
+            "INSERT INTO applied_ops (id) SELECT unnest(%(ids)s::uuid[]) ORDER BY 1 "
+            "ON CONFLICT DO NOTHING RETURNING id",
+            {"ids": ids},
+        )
+    }
+    fresh = []
+    for op in ops:
+        if op["id"] in claimed:
+            claimed.discard(op["id"])  # the same id twice in one batch is still one operation
+            fresh.append(op)
+    return fresh
+
+
+def failed_status_ids(conn: Connection) -> list[int]:
+    return [row[0] for row in conn.exec_driver_sql("SELECT id FROM statuses WHERE is_failed ORDER BY id")]
+
+
+def lock_threads(conn: Connection, ids: list[int]) -> dict[int, ThreadState]:
+    if not ids:
+        return {}
+    rows = conn.exec_driver_sql(
+        f"SELECT id, run_id, is_completed, appends_applied, appends_expected, elapsed_observed, "
+        f"elapsed_computed, results_elapsed, complete_requested_at, complete_requested_by, {_COUNTS} "
+        f"FROM automation_run_threads WHERE id = ANY(%(ids)s) ORDER BY id FOR NO KEY UPDATE",
+        {"ids": ids},
+    ).mappings()
+    return {row["id"]: ThreadState(counts=[row[c] for c in COUNT_COLUMNS],
+                                   **{k: v for k, v in row.items() if k not in COUNT_COLUMNS})
+            for row in rows}
+
+
+def lock_runs(conn: Connection, ids: list[int]) -> dict[int, RunState]:
+    if not ids:
+        return {}
+    rows = conn.exec_driver_sql(
+        f"SELECT id, is_completed, created_at, thread_completed_count, ops_applied, ops_expected, "
+        f"measure_elapsed, complete_requested_at, complete_requested_by, updated_at, updated_by, {_COUNTS} "
+        f"FROM automation_runs WHERE id = ANY(%(ids)s) ORDER BY id FOR NO KEY UPDATE",
+        {"ids": ids},
+    ).mappings()
+    return {row["id"]: RunState(counts=[row[c] for c in COUNT_COLUMNS],
+                                **{k: v for k, v in row.items() if k not in COUNT_COLUMNS})
+            for row in rows}
+
+
+def copy_results(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    if not rows:
+        return
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    with raw.cursor() as cur, cur.copy(COPY_RESULTS) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def _json(items: list[JsonObject]) -> str:
+    return orjson.dumps(items).decode()
+
+
+def write_threads(conn: Connection, threads: list[ThreadState]) -> None:
+    if not threads:
+        return
+    conn.exec_driver_sql(
+        f"UPDATE automation_run_threads SET {_SET_COUNTS}, appends_applied = %s, appends_expected = %s, "
+        f"elapsed_observed = %s, elapsed_computed = %s, results_elapsed = %s, "
+        f"fields = fields || %s::jsonb, artifacts = artifacts || %s::jsonb, "
+        f"complete_requested_at = %s, complete_requested_by = %s, is_completed = %s, "
+        f"status = coalesce(%s, status), completed_at = coalesce(%s, completed_at), "
+        f"completed_by = coalesce(%s, completed_by) "
+        f"WHERE id = %s",
+        [
+            (*t.counts, t.appends_applied, t.appends_expected, t.elapsed_observed, t.elapsed_computed,
+             t.results_elapsed, _json(t.new_fields), _json(t.new_artifacts),
+             t.complete_requested_at, t.complete_requested_by, t.is_completed, t.status,
+             t.complete_requested_at if t.finalised else None, t.complete_requested_by if t.finalised else None,
+             t.id)
+            for t in threads
+        ],
+    )
+
+
+def write_run(conn: Connection, run: RunState) -> None:
+    conn.exec_driver_sql(
+        f"UPDATE automation_runs SET {_SET_COUNTS}, thread_completed_count = %s, ops_applied = %s, "
+        f"ops_expected = %s, measure_elapsed = %s, complete_requested_at = %s, complete_requested_by = %s, "
+        f"fields = fields || %s::jsonb, links = links || %s::jsonb, artifacts = artifacts || %s::jsonb, "
+        f"updated_at = %s, updated_by = %s, is_completed = %s, status = coalesce(%s, status), "
+        f"elapsed = coalesce(%s, elapsed), completed_at = coalesce(%s, completed_at), "
+        f"completed_by = coalesce(%s, completed_by) "
+        f"WHERE id = %s",
+        (*run.counts, run.thread_completed_count, run.ops_applied, run.ops_expected, run.measure_elapsed,
+         run.complete_requested_at, run.complete_requested_by,
+         _json(run.new_fields), _json(run.new_links), _json(run.new_artifacts),
+         run.updated_at, run.updated_by, run.is_completed, run.status, run.elapsed,
+         run.complete_requested_at if run.status else None, run.complete_requested_by if run.status else None,
+         run.id),
+    )
+
+
+def dead_letter(conn: Connection, dead: list[tuple[Op, str]]) -> None:
+    """Record operations that cannot be applied, and release their claims so a replay can apply them."""
+    conn.exec_driver_sql(
+        "DELETE FROM applied_ops WHERE id = ANY(%(ids)s::uuid[])", {"ids": [op["id"] for op, _ in dead]}
+    )
+    conn.exec_driver_sql(
+        "INSERT INTO dead_letters (op_id, kind, run_id, thread_id, payload, error) "
+        "VALUES (%s, %s, %s, %s, %s::jsonb, %s) ON CONFLICT (op_id) DO NOTHING",
+        [(op["id"], op["kind"], op["run_id"], op.get("thread_id"), orjson.dumps(op).decode(), error)
+         for op, error in dead],
+    )

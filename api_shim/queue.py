@@ -30,9 +30,17 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 OPEN_TTL_SECONDS = 30 * 24 * 3600
 CLOSED_TTL_SECONDS = 24 * 3600
 
-# KEYS: queue, then a (run, thread) pair per append. ARGV: message, open ttl.
+# Appends are refused ('busy', a 429) while the queue holds `high water` messages or more, so that a
+# stalled fleet of workers cannot make Redis grow without bound. Completes are never refused: they are
+# small, and refusing one would fail a CI job that has already delivered all its results.
+_BUSY = """
+local high_water = tonumber(ARGV[3])
+if high_water > 0 and redis.call('LLEN', KEYS[1]) >= high_water then return 'busy' end
+"""
+
+# KEYS: queue, then a (run, thread) pair per append. ARGV: message, open ttl, high water.
 # Enqueues only if every thread and run is open; otherwise returns each append's verdict.
-_APPEND = """
+_APPEND = _BUSY + """
 local n = (#KEYS - 1) / 2
 local verdicts, blocked = {}, false
 for i = 1, n do
@@ -57,8 +65,8 @@ redis.call('LPUSH', KEYS[1], ARGV[1])
 return 'ok'
 """
 
-# KEYS: queue, run. ARGV: message, open ttl.
-_RUN_APPEND = """
+# KEYS: queue, run. ARGV: message, open ttl, high water.
+_RUN_APPEND = _BUSY + """
 local closed = redis.call('HGET', KEYS[2], 'closed')
 if not closed then return 'missing' end
 if closed == '1' then return 'closed' end
@@ -147,28 +155,31 @@ def _split_at_placeholder(message: bytes) -> tuple[bytes, bytes]:
 
 
 class Queue:
-    def __init__(self, redis: Redis, queue: str) -> None:
+    def __init__(self, redis: Redis, queue: str, high_water: int) -> None:
         self.redis = redis
         self.queue = queue
+        self.high_water = high_water
         self._append = redis.register_script(_APPEND)
         self._run_append = redis.register_script(_RUN_APPEND)
         self._thread_complete = redis.register_script(_THREAD_COMPLETE)
         self._run_complete = redis.register_script(_RUN_COMPLETE)
         self._fill = redis.register_script(_FILL)
 
-    async def thread_appends(self, ops: list[Any]) -> list[str] | None:
-        """Enqueue thread appends in one message; None when done, else a verdict per append."""
+    async def thread_appends(self, ops: list[Any]) -> list[str] | str:
+        """Enqueue thread appends in one message: 'ok', 'busy', or (nothing enqueued) a verdict per append."""
         keys = [self.queue]
         for op in ops:
             keys += [run_key(op["run_id"]), thread_key(op["thread_id"])]
-        verdict = await self._append(keys=keys, args=[celery_message(self.queue, ops), OPEN_TTL_SECONDS])
-        if verdict == b"ok":
-            return None
+        message = celery_message(self.queue, ops)
+        verdict = await self._append(keys=keys, args=[message, OPEN_TTL_SECONDS, self.high_water])
+        if isinstance(verdict, bytes):
+            return verdict.decode()
         return [v.decode() for v in verdict]
 
     async def run_append(self, op: Any) -> str:
         keys = [self.queue, run_key(op["run_id"])]
-        verdict = await self._run_append(keys=keys, args=[celery_message(self.queue, [op]), OPEN_TTL_SECONDS])
+        message = celery_message(self.queue, [op])
+        verdict = await self._run_append(keys=keys, args=[message, OPEN_TTL_SECONDS, self.high_water])
         return str(verdict.decode())
 
     async def thread_complete(self, op: Any) -> str:

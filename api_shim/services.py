@@ -59,7 +59,7 @@ class Services:
         )
         redis = Redis.from_url(settings.redis_url, max_connections=256, socket_timeout=5,
                                socket_connect_timeout=3)
-        queue = Queue(redis, settings.queue)
+        queue = Queue(redis, settings.queue, settings.queue_high_water)
         return cls(settings, engine, redis, queue, State(engine, queue),
                    Authenticator(redis, engine, settings.auth_cache_seconds), StatusTable())
 

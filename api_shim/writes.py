@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api_shim.errors import already_completed, invalid, not_found
+from api_shim.errors import ApiError, already_completed, invalid, not_found
 from api_shim.http import json_response, no_content, now_iso, parse, path_id, read_body, services
 from api_shim.queue import EXPECTED_PLACEHOLDER, run_key, thread_key
 from api_shim.services import Services
@@ -44,6 +44,14 @@ async def _enqueue(s: Services, run_id: int, thread_id: int | None,
             await s.state.rebuild_thread(thread_id)
         verdict = await push()
     return verdict
+
+
+def _check_accepted(s: Services, verdict: str, what: str) -> None:
+    if verdict == "busy":
+        raise ApiError(429, "The server is shedding load: the queue is over its high-water mark.",
+                       headers={"Retry-After": str(s.settings.retry_after_seconds)})
+    if verdict != "ok":
+        raise already_completed(what)
 
 
 async def _thread_ref(request: Request) -> tuple[Services, ThreadRef, int]:
@@ -77,11 +85,10 @@ async def thread_append(request: Request) -> Response:
     op |= body.model_dump(mode="json", exclude_defaults=True)
 
     async def push() -> str:
-        verdicts = await s.queue.thread_appends([op])
-        return verdicts[0] if verdicts else "ok"
+        verdict = await s.queue.thread_appends([op])
+        return verdict if isinstance(verdict, str) else verdict[0]
 
-    if await _enqueue(s, ref.run_id, ref.thread_id, push) != "ok":
-        raise already_completed("thread")
+    _check_accepted(s, await _enqueue(s, ref.run_id, ref.thread_id, push), "thread")
     return no_content()
 
 
@@ -99,8 +106,7 @@ async def run_append(request: Request) -> Response:
     s, run_id, user_id = await _run_ref(request)
     body = parse(RunAppend, await read_body(request, s.settings.max_body_bytes))
     op = _new_op("run.append", run_id, user_id) | body.model_dump(mode="json", exclude_defaults=True)
-    if await _enqueue(s, run_id, None, lambda: s.queue.run_append(op)) != "ok":
-        raise already_completed("run")
+    _check_accepted(s, await _enqueue(s, run_id, None, lambda: s.queue.run_append(op)), "run")
     return no_content()
 
 

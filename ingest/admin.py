@@ -19,6 +19,10 @@ class Admin:
         self.engine = create_engine(settings.database_url)
         self.redis = Redis.from_url(settings.redis_url)
 
+    def close(self) -> None:
+        self.engine.dispose()
+        self.redis.close()
+
     def create_project(self, name: str, exist_ok: bool = False) -> int:
         with self.engine.begin() as conn:
             row = conn.execute(text("INSERT INTO projects (name) VALUES (:n) ON CONFLICT (name) DO NOTHING "

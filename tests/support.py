@@ -1,0 +1,181 @@
+"""Helpers for tests that drive real processes: the API shim and Celery workers, on PostgreSQL and Redis."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_DATABASE_URL = os.environ.get(
+    "INGEST_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/ingest_test")
+# Tests use their own Redis database number, so a development server on database 0 is never touched.
+TEST_REDIS_URL = os.environ.get("INGEST_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def service_env(**overrides: Any) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "INGEST_DATABASE_URL": TEST_DATABASE_URL,
+        "INGEST_REDIS_URL": TEST_REDIS_URL,
+        "INGEST_QUEUE": "ingest-test",
+        "INGEST_LOG_LEVEL": "WARNING",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update({f"INGEST_{k.upper()}": str(v) for k, v in overrides.items()})
+    return env
+
+
+def wait_for(check: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.05,
+             what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Service:
+    """A real `ingest` process (api or worker) with its output in a log file."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str], log: Path) -> None:
+        self.args = args
+        self.log = log
+        self._log_file = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ingest.cli", *args], env=dict(env), cwd=ROOT,
+            stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+        self._log_file.close()
+
+
+def start_api(env: Mapping[str, str], log: Path, tls: tuple[Path, Path] | None = None) -> tuple[Service, str]:
+    port = free_port()
+    args = ["api", "--port", str(port)]
+    scheme = "http"
+    if tls is not None:
+        args += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+        scheme = "https"
+    service = Service(args, env, log)
+    url = f"{scheme}://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if not service.alive():
+            raise AssertionError(f"api exited:\n{service.output()}")
+        try:
+            httpx.get(f"{url}/api/v1/user", verify=False, timeout=1)
+        except httpx.TransportError:
+            return False
+        return True
+
+    wait_for(up, timeout=30, what="the API to listen")
+    return service, url
+
+
+def start_worker(env: Mapping[str, str], log: Path, concurrency: int = 2) -> Service:
+    service = Service(["worker", "--concurrency", str(concurrency)], env | {"INGEST_LOG_LEVEL": "INFO"}, log)
+
+    def ready() -> bool:
+        if not service.alive():
+            raise AssertionError(f"worker exited:\n{service.output()}")
+        return " ready." in service.output()
+
+    wait_for(ready, timeout=60, what="the worker to be ready")
+    return service
+
+
+class Api:
+    """An API client holding one bearer token."""
+
+    def __init__(self, base_url: str, token: str | None, **client_args: Any) -> None:
+        headers = {"Accept": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        self.http = httpx.Client(base_url=f"{base_url}/api/v1", headers=headers, timeout=30, **client_args)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return self.http.get(path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> httpx.Response:
+        if body is not None:
+            kw["json"] = body
+        return self.http.post(path, **kw)
+
+    def create_run(self, project_id: int, **body: Any) -> int:
+        body = {"name": "Run", "source": "backend", "fields": [], "links": [], "artifacts": []} | body
+        response = self.post(f"/projects/{project_id}/automation/runs", body)
+        assert response.status_code == 201, response.text
+        return int(response.json()["id"])
+
+    def create_thread(self, run_id: int, **body: Any) -> int:
+        response = self.post(f"/automation/runs/{run_id}/threads", {"fields": [], "artifacts": []} | body)
+        assert response.status_code == 201, response.text
+        return int(response.json()["id"])
+
+    def append(self, thread_id: int, tests: list[dict[str, Any]], **body: Any) -> None:
+        response = self.post(f"/automation/runs/threads/{thread_id}/append", {"tests": tests} | body)
+        assert response.status_code == 204, response.text
+
+    def complete_thread(self, thread_id: int, **body: Any) -> None:
+        response = self.post(f"/automation/runs/threads/{thread_id}/complete", body)
+        assert response.status_code == 204, response.text
+
+    def complete_run(self, run_id: int, measure_elapsed: bool = True) -> None:
+        response = self.post(f"/automation/runs/{run_id}/complete", {"measure_elapsed": measure_elapsed})
+        assert response.status_code == 204, response.text
+
+    def run(self, run_id: int, **params: Any) -> dict[str, Any]:
+        response = self.get(f"/automation/runs/{run_id}", params=params)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()["result"]
+        return result
+
+    def wait_completed(self, run_id: int, timeout: float = 30.0) -> dict[str, Any]:
+        return wait_for(lambda: (r := self.run(run_id))["is_completed"] and r, timeout=timeout,
+                        what=f"run {run_id} to complete")
+
+
+def make_tests(n: int, statuses: list[str] | None = None, prefix: str = "t") -> list[dict[str, Any]]:
+    statuses = statuses or ["passed"]
+    return [{"key": f"{prefix}{i:06d}", "name": f"{prefix} {i}", "folder": "Suite",
+             "status": statuses[i % len(statuses)], "elapsed": 1000 + i} for i in range(n)]

@@ -35,8 +35,8 @@ class StatusTable:
         async with engine.connect() as conn:
             rows = (await conn.execute(text(
                 "SELECT id, name, system_name, color, is_final, is_untested, is_passed, is_failed, aliases "
-                "FROM statuses ORDER BY id"))).all()
-        self.statuses = [Status(*row[:8], aliases=tuple(row[8])) for row in rows]
+                "FROM statuses ORDER BY id"))).mappings().all()
+        self.statuses = [Status(**{**row, "aliases": tuple(row["aliases"])}) for row in rows]
         self.aliases = alias_map(self.statuses)
 
 

@@ -44,11 +44,12 @@ class State:
         project_id = self._runs.get(run_id)
         if project_id is None:
             raw = await self.queue.redis.hget(run_key(run_id), "project")
-            if raw is None:
-                if not await self.rebuild_run(run_id):
+            if raw is not None:
+                project_id = int(raw)
+            else:
+                project_id = await self.rebuild_run(run_id)
+                if project_id is None:
                     return None
-                raw = await self.queue.redis.hget(run_key(run_id), "project")
-            project_id = int(raw)
             self.remember_run(run_id, project_id)
         return project_id
 
@@ -65,15 +66,16 @@ class State:
             self.remember_thread(ref)
         return ref
 
-    async def rebuild_run(self, run_id: int) -> bool:
+    async def rebuild_run(self, run_id: int) -> int | None:
+        """Refill the run's Redis state from the database; its project, or None if there is no such run."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(text(
                 "SELECT project_id, is_completed OR ops_expected IS NOT NULL, ops_applied "
                 "FROM automation_runs WHERE id = :id"), {"id": run_id})).first()
         if row is None:
-            return False
+            return None
         await self.queue.fill(run_key(run_id), closed=row[1], project=row[0], ops=row[2])
-        return True
+        return int(row[0])
 
     async def rebuild_thread(self, thread_id: int) -> ThreadRef | None:
         async with self.engine.connect() as conn:

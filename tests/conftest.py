@@ -7,11 +7,20 @@ from pathlib import Path
 import pytest
 import redis
 from sqlalchemy import Engine, create_engine, make_url, text
+from support import (
+    TEST_DATABASE_URL,
+    TEST_REDIS_URL,
+    Api,
+    Service,
+    service_env,
+    start_api,
+    start_worker,
+    unique,
+)
 
 from ingest.admin import Admin
 from schema.db import upgrade
 from schema.settings import Settings
-from support import TEST_DATABASE_URL, TEST_REDIS_URL, Api, Service, service_env, start_api, start_worker, unique
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ operation accepted for it has been applied, so no other transaction holds or wai
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import Connection
@@ -97,7 +97,7 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
     failed_ids = failed_status_ids(conn)
 
     # Threads first.
-    threads = lock_threads(conn, sorted({op["thread_id"] for op in fresh if "thread_id" in op}))
+    threads = lock_threads(conn, sorted({t for op in fresh if (t := thread_of(op)) is not None}))
     rows: list[tuple[Any, ...]] = []
     survivors: list[Op] = []
     for op in fresh:
@@ -120,7 +120,7 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
 
     # Then runs. A thread's run comes from its locked row, not from the message.
     def run_id(op: Op) -> int:
-        thread = threads.get(op["thread_id"]) if "thread_id" in op else None
+        thread = threads.get(thread_of(op) or 0)
         return thread.run_id if thread else op["run_id"]
 
     runs = lock_runs(conn, sorted({run_id(op) for op in survivors}))
@@ -129,8 +129,8 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
         if error:
             outcome.dead.append((op, error))
     for thread in threads.values():
-        run = runs[thread.run_id]
         if thread.changed:
+            run = runs[thread.run_id]
             run.counts = [a + b for a, b in zip(run.counts, thread.delta, strict=True)]
             run.thread_completed_count += thread.finalised
             run.changed = True
@@ -145,6 +145,11 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
         dead_letter(conn, outcome.dead)
     outcome.applied = len(fresh) - len(outcome.dead)
     return outcome
+
+
+def thread_of(op: Op) -> int | None:
+    thread_id: int | None = cast(dict[str, Any], op).get("thread_id")
+    return thread_id
 
 
 # --- operations on threads ---------------------------------------------------------------------------------
@@ -225,17 +230,18 @@ def _finalise_thread(thread: ThreadState, failed_ids: list[int]) -> None:
 def _run_op(run: RunState | None, op: Op) -> str | None:
     if run is None:
         return "unknown run"
+    if run.is_completed:
+        # Its counters are final. Completing again is harmless; a late run append cannot be applied.
+        return "run already completed" if op["kind"] == "run.append" else None
     run.changed = True
     if op["kind"] == "run.complete":
-        if not run.is_completed and run.ops_expected is None:
+        if run.ops_expected is None:
             run.ops_expected = op["expected"]
             run.measure_elapsed = op["measure_elapsed"]
             run.complete_requested_at = datetime.fromisoformat(op["at"])
             run.complete_requested_by = op["user_id"]
         return None
     if op["kind"] == "run.append":
-        if run.is_completed:
-            return "run already completed"
         run.new_fields.extend(op.get("fields", ()))
         run.new_links.extend(op.get("links", ()))
         run.new_artifacts.extend(op.get("artifacts", ()))

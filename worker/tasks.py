@@ -17,7 +17,7 @@ BACKOFF_CAP_SECONDS = 30.0
 
 
 def backoff(retries: int) -> float:
-    return min(BACKOFF_CAP_SECONDS, 0.5 * 2**retries) * random.uniform(0.5, 1.0)
+    return min(BACKOFF_CAP_SECONDS, 0.5 * 2.0**retries) * random.uniform(0.5, 1.0)
 
 
 @app.task(name=APPLY_TASK, bind=True)

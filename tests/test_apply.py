@@ -1,0 +1,241 @@
+"""The worker's apply logic, called directly on a real PostgreSQL: idempotence, barrier, counters."""
+
+import random
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from conftest import count_results
+from sqlalchemy import Engine, text
+from support import unique
+
+from schema.messages import Op
+from schema.statuses import COUNT_COLUMNS
+from worker.apply import Outcome, apply_ops
+
+
+class Seed:
+    """A project, a user and a run with threads, inserted straight into the database."""
+
+    def __init__(self, engine: Engine, threads: int = 2, created_at: datetime | None = None) -> None:
+        self.engine = engine
+        with engine.begin() as conn:
+            self.project = conn.execute(text("INSERT INTO projects (name) VALUES (:n) RETURNING id"),
+                                        {"n": unique("p")}).scalar_one()
+            self.user = conn.execute(text("INSERT INTO users (name) VALUES (:n) RETURNING id"),
+                                     {"n": unique("u")}).scalar_one()
+            source = conn.execute(text("INSERT INTO automation_sources (project_id, name) VALUES (:p, 's') "
+                                       "RETURNING id"), {"p": self.project}).scalar_one()
+            self.run = conn.execute(text(
+                "INSERT INTO automation_runs (project_id, source_id, name, created_by, thread_count, created_at) "
+                "VALUES (:p, :s, 'run', :u, :n, coalesce(:at, now())) RETURNING id"),
+                {"p": self.project, "s": source, "u": self.user, "n": threads, "at": created_at}).scalar_one()
+            self.threads = [conn.execute(text(
+                "INSERT INTO automation_run_threads (run_id, project_id, index, created_by) "
+                "VALUES (:r, :p, :i, :u) RETURNING id"),
+                {"r": self.run, "p": self.project, "i": i + 1, "u": self.user}).scalar_one()
+                for i in range(threads)]
+
+    def op(self, kind: str, at: datetime | None = None, **fields: Any) -> Any:
+        moment = (at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return {"kind": kind, "id": str(uuid.uuid4()), "run_id": self.run, "user_id": self.user, "at": moment,
+                **fields}
+
+    def append(self, thread: int, statuses: list[int], **fields: Any) -> Any:
+        tests = [{"key": f"k{i}", "name": f"test {i}", "status": s, "elapsed": 10} for i, s in enumerate(statuses)]
+        return self.op("thread.append", thread_id=self.threads[thread], tests=tests, **fields)
+
+    def complete_thread(self, thread: int, expected: int, **fields: Any) -> Any:
+        return self.op("thread.complete", thread_id=self.threads[thread], expected=expected, **fields)
+
+    def complete_run(self, expected: int, measure_elapsed: bool = False, at: datetime | None = None) -> Any:
+        return self.op("run.complete", at=at, expected=expected, measure_elapsed=measure_elapsed)
+
+    def apply(self, *ops: Op) -> Outcome:
+        with self.engine.begin() as conn:
+            return apply_ops(conn, list(ops))
+
+    def run_row(self) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            return dict(conn.execute(text("SELECT * FROM automation_runs WHERE id = :id"),
+                                     {"id": self.run}).mappings().one())
+
+    def thread_row(self, thread: int) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            return dict(conn.execute(text("SELECT * FROM automation_run_threads WHERE id = :id"),
+                                     {"id": self.threads[thread]}).mappings().one())
+
+
+def counts(row: dict[str, Any]) -> dict[int, int]:
+    """Non-zero counters of a run or thread row, by status id."""
+    return {i + 1: row[c] for i, c in enumerate(COUNT_COLUMNS) if row[c]}
+
+
+PASSED, FAILED, RETEST, SKIPPED = 2, 3, 4, 6
+
+
+def test_a_redelivered_operation_changes_nothing(engine: Engine) -> None:
+    seed = Seed(engine)
+    append = seed.append(0, [PASSED, FAILED, SKIPPED])
+    first = seed.apply(append)
+    before = seed.run_row(), seed.thread_row(0), count_results(engine, seed.run)
+
+    second = seed.apply(append)
+    assert (first.applied, first.results) == (1, 3)
+    assert (second.applied, second.duplicates, second.results) == (0, 1, 0)
+    assert (seed.run_row(), seed.thread_row(0), count_results(engine, seed.run)) == before
+
+
+def test_the_same_operation_twice_in_one_batch_is_applied_once(engine: Engine) -> None:
+    seed = Seed(engine)
+    append = seed.append(0, [PASSED, PASSED])
+    outcome = seed.apply(append, append)
+    assert outcome.results == 2
+    assert counts(seed.run_row()) == {PASSED: 2} == count_results(engine, seed.run)
+
+
+def test_a_thread_complete_that_overtakes_its_appends_waits_for_them(engine: Engine) -> None:
+    seed = Seed(engine)
+    first, second = seed.append(0, [PASSED]), seed.append(0, [FAILED, FAILED])
+
+    seed.apply(seed.complete_thread(0, expected=2))
+    assert not seed.thread_row(0)["is_completed"]
+    seed.apply(second)
+    assert not seed.thread_row(0)["is_completed"]
+    outcome = seed.apply(first)
+
+    thread = seed.thread_row(0)
+    assert outcome.threads_completed == [seed.threads[0]]
+    assert thread["is_completed"] and thread["status"] == 3
+    assert counts(thread) == {PASSED: 1, FAILED: 2}
+    assert seed.run_row()["thread_completed_count"] == 1
+
+
+def test_a_run_complete_that_overtakes_everything_waits_then_completes_open_threads(engine: Engine) -> None:
+    created = datetime.now(UTC) - timedelta(seconds=90)
+    seed = Seed(engine, threads=3, created_at=created)
+    ops = [seed.append(0, [PASSED], elapsed_observed=5_000_000), seed.append(1, [PASSED, SKIPPED]),
+           seed.append(1, [RETEST], elapsed_computed=7_000_000), seed.complete_thread(1, expected=2)]
+    seed.apply(seed.complete_run(expected=len(ops)))
+    for op in ops[:-1]:
+        seed.apply(op)
+        assert not seed.run_row()["is_completed"]
+    outcome = seed.apply(ops[-1])
+
+    run = seed.run_row()
+    assert outcome.runs_completed == [seed.run]
+    assert run["is_completed"] and run["status"] == 2  # nothing failed
+    assert counts(run) == {PASSED: 2, SKIPPED: 1, RETEST: 1} == count_results(engine, seed.run)
+    assert run["thread_completed_count"] == 3
+    # Thread 2 never got a result or a complete: completing the run completed it.
+    assert all(seed.thread_row(i)["is_completed"] for i in range(3))
+    # measure_elapsed false: the run takes its longest thread's elapsed.
+    assert run["elapsed"] == 7_000_000
+
+
+def test_measure_elapsed_takes_the_time_from_create_to_complete(engine: Engine) -> None:
+    created = datetime.now(UTC) - timedelta(seconds=60)
+    seed = Seed(engine, threads=1, created_at=created)
+    seed.apply(seed.complete_run(expected=0, measure_elapsed=True, at=created + timedelta(seconds=42)))
+    run = seed.run_row()
+    assert run["is_completed"] and run["elapsed"] == 42_000_000
+    assert run["completed_at"] == created + timedelta(seconds=42)
+
+
+def test_thread_elapsed_adds_up_observed_parts(engine: Engine) -> None:
+    seed = Seed(engine, threads=1)
+    seed.apply(seed.append(0, [PASSED], elapsed_observed=100, elapsed_computed=1))
+    seed.apply(seed.append(0, [PASSED], elapsed_observed=50))
+    seed.apply(seed.complete_thread(0, expected=2, elapsed_observed=25))
+    thread = seed.thread_row(0)
+    assert thread["is_completed"]
+    assert (thread["elapsed_observed"], thread["elapsed_computed"], thread["results_elapsed"]) == (175, 1, 20)
+
+
+def test_appends_after_completion_are_dead_lettered_not_counted(engine: Engine) -> None:
+    seed = Seed(engine, threads=1)
+    seed.apply(seed.complete_run(expected=0))
+    before = seed.run_row()
+    late = seed.append(0, [FAILED])
+    outcome = seed.apply(late)
+
+    assert outcome.applied == 0 and [error for _, error in outcome.dead] == ["thread already completed"]
+    assert seed.run_row() == before
+    assert count_results(engine, seed.run) == {}
+    with engine.connect() as conn:
+        letter = conn.execute(text("SELECT kind, payload FROM dead_letters WHERE op_id = :id"),
+                              {"id": late["id"]}).one()
+        claimed = conn.execute(text("SELECT count(*) FROM applied_ops WHERE id = :id"), {"id": late["id"]})
+        assert claimed.scalar_one() == 0  # released, so that a replay can apply it
+    assert letter.kind == "thread.append" and letter.payload["tests"][0]["status"] == FAILED
+
+
+def test_a_completed_run_never_moves(engine: Engine) -> None:
+    seed = Seed(engine, threads=1)
+    append = seed.append(0, [PASSED])
+    seed.apply(append, seed.complete_thread(0, expected=1), seed.complete_run(expected=2))
+    final = seed.run_row()
+    assert final["is_completed"]
+    seed.apply(append, seed.complete_run(expected=5), seed.complete_thread(0, expected=9))
+    assert seed.run_row() == final
+
+
+def test_run_appends_add_fields_links_and_artifacts(engine: Engine) -> None:
+    seed = Seed(engine, threads=0)
+    field = {"type": 1, "name": "Branch", "value": "main"}
+    link = {"name": "CI", "url": "https://ci.example/1"}
+    seed.apply(seed.op("run.append", fields=[field], links=[link]))
+    seed.apply(seed.op("run.append", artifacts=[{"name": "log", "url": "https://ci.example/log"}]))
+    run = seed.run_row()
+    assert run["fields"] == [field] and run["links"] == [link] and len(run["artifacts"]) == 1
+    assert run["updated_by"] == seed.user and run["ops_applied"] == 2
+
+
+def test_results_keep_their_details(engine: Engine) -> None:
+    seed = Seed(engine, threads=1)
+    test = {"key": "abc", "name": "It works", "folder": "Suite A", "status": FAILED, "elapsed": 1234,
+            "file": "a_test.py", "line": 7, "assertions": 3,
+            "fields": [{"type": 4, "name": "Error", "value": "boom", "meta": {"type": "E"}, "is_highlight": True}],
+            "artifacts": [{"name": "shot.png", "url": "https://x/shot.png", "mime_type": "image/png", "size": 9}]}
+    seed.apply(seed.op("thread.append", thread_id=seed.threads[0], tests=[test]))
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT * FROM automation_results WHERE run_id = :r"), {"r": seed.run}).mappings().one()
+    assert {k: row[k] for k in test if k != "status"} == {k: v for k, v in test.items() if k != "status"}
+    assert row["status_id"] == FAILED and row["thread_id"] == seed.threads[0]
+
+
+@pytest.mark.parametrize("workers", [4])
+def test_parallel_workers_with_duplicates_neither_deadlock_nor_miscount(engine: Engine, workers: int) -> None:
+    """Batches over the same threads, each op delivered twice in shuffled batches, applied concurrently."""
+    rng = random.Random(7)
+    seed = Seed(engine, threads=6)
+    appends = [seed.append(rng.randrange(6), [rng.choice([PASSED, FAILED, SKIPPED]) for _ in range(5)])
+               for _ in range(120)]
+    expected: dict[int, int] = {}
+    for op in appends:
+        for test in op["tests"]:
+            expected[test["status"]] = expected.get(test["status"], 0) + 1
+    deliveries = appends * 2
+    rng.shuffle(deliveries)
+    batches = [deliveries[i:i + 8] for i in range(0, len(deliveries), 8)]
+    errors: list[BaseException] = []
+
+    def work(mine: list[list[Any]]) -> None:
+        try:
+            for batch in mine:
+                seed.apply(*batch)
+        except BaseException as exc:  # collected and re-raised in the main thread
+            errors.append(exc)
+
+    pool = [threading.Thread(target=work, args=(batches[i::workers],)) for i in range(workers)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors
+    run = seed.run_row()
+    assert counts(run) == expected == count_results(engine, seed.run)
+    assert run["ops_applied"] == len(appends)
+    assert sum(seed.thread_row(i)["appends_applied"] for i in range(6)) == len(appends)

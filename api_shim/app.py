@@ -21,10 +21,16 @@ log = logging.getLogger(__name__)
 
 API = "/api/v1"
 
+async def runs_collection(request: Request) -> Response:
+    # One route for both methods, so that a 405 on this path lists both in its Allow header.
+    if request.method == "POST":
+        return await writes.create_run(request)
+    return await reads.list_runs(request)
+
+
 routes = [
     Route(f"{API}/user", reads.get_user, methods=["GET"]),
-    Route(f"{API}/projects/{{project_id:int}}/automation/runs", reads.list_runs, methods=["GET"]),
-    Route(f"{API}/projects/{{project_id:int}}/automation/runs", writes.create_run, methods=["POST"]),
+    Route(f"{API}/projects/{{project_id:int}}/automation/runs", runs_collection, methods=["GET", "POST"]),
     Route(f"{API}/automation/runs/{{run_id:int}}", reads.get_run, methods=["GET"]),
     Route(f"{API}/automation/runs/{{run_id:int}}/append", writes.run_append, methods=["POST"]),
     Route(f"{API}/automation/runs/{{run_id:int}}/complete", writes.run_complete, methods=["POST"]),

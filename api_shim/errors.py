@@ -52,15 +52,42 @@ def unavailable(retry_after: int, what: str = "A dependency") -> ApiError:
     return ApiError(503, f"{what} is unavailable; try again shortly.", headers={"Retry-After": str(retry_after)})
 
 
-def from_validation(exc: ValidationError) -> ApiError:
+def from_validation(exc: ValidationError, body: bytes) -> ApiError:
     """400 for a body that is not a JSON object, else 422 with each problem under its field path."""
-    errors: dict[str, list[str]] = {}
-    for e in exc.errors(include_url=False, include_input=False):
+    problems = exc.errors(include_url=False, include_input=False)
+    for e in problems:
         if e["type"] == "json_invalid":
             return ApiError(400, "The request body is not valid JSON.")
         if not e["loc"] and e["type"] in ("model_type", "model_attributes_type", "dict_type"):
             return ApiError(400, "The request body must be a JSON object.")
-        path = ".".join(str(part) for part in e["loc"]) or "body"
-        message = e["msg"].removeprefix("Value error, ")
-        errors.setdefault(path, []).append(message)
+    try:
+        document = orjson.loads(body)
+    except ValueError:
+        document = None
+    errors: dict[str, list[str]] = {}
+    for e in problems:
+        path = _field_path(e["loc"], document, e["type"] == "missing") or "body"
+        errors.setdefault(path, []).append(e["msg"].removeprefix("Value error, "))
     return ApiError(422, INVALID, errors)
+
+
+def _field_path(loc: tuple[int | str, ...], document: Any, missing: bool) -> str:
+    # pydantic's loc also names the union member that failed ('int', 'constrained-str') and marks a bad dict
+    # key ('[key]'); those are not in the body, so walking the body along loc leaves only the field path.
+    if document is None:
+        return ".".join(map(str, loc))
+    parts: list[str] = []
+    value = document
+    for i, part in enumerate(loc):
+        if _holds(value, part):
+            value = value[part]
+        elif not (missing and i == len(loc) - 1):
+            continue
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+def _holds(value: Any, part: int | str) -> bool:
+    if isinstance(value, dict):
+        return part in value
+    return isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value)

@@ -5,7 +5,8 @@ Lua scripts, so that checking a thread is still open, counting the append and en
 no append can slip in between a complete and the count the complete records.
 
 Per run and per thread a Redis hash keeps the state the hot path needs:
-  run:    project, closed ("0"/"1"), ops (operations accepted on the run, its threads' included)
+  run:    project, closed ("0"/"1"), ops (operations accepted on the run, its threads' included),
+          threads (threads created, which numbers them)
   thread: run, project, closed, appends (appends accepted)
 A missing hash is rebuilt from PostgreSQL (see `state.py`); keys of open objects are refreshed on every
 use, so a key only expires once nothing can be in flight for it.
@@ -14,18 +15,19 @@ use, so a key only expires once nothing can be in flight for it.
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 
-from schema.messages import APPLY_TASK, Op
+from schema.messages import APPLY_TASK
 
 # Lua splices the count a complete records into its message where this number stands.
 EXPECTED_PLACEHOLDER = -7_777_777_777
 _PLACEHOLDER_BYTES = str(EXPECTED_PLACEHOLDER).encode()
 _ORIGIN = f"ingest-shim@{socket.gethostname()}:{os.getpid()}"
-_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_EMBED = orjson.dumps({"callbacks": None, "errbacks": None, "chain": None, "chord": None})
 
 OPEN_TTL_SECONDS = 30 * 24 * 3600
 CLOSED_TTL_SECONDS = 24 * 3600
@@ -104,6 +106,15 @@ redis.call('LPUSH', KEYS[1], ARGV[1] .. expected .. ARGV[2])
 return 'ok'
 """
 
+# KEYS: run. ARGV: open ttl. The index of a new thread in the run, unless the run is closed or missing.
+_NEW_THREAD = """
+local closed = redis.call('HGET', KEYS[1], 'closed')
+if not closed then return 'missing' end
+if closed == '1' then return 'closed' end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return redis.call('HINCRBY', KEYS[1], 'threads', 1)
+"""
+
 # KEYS: key. ARGV: ttl, then field/value pairs. Creates the hash only if it is missing, so a rebuild
 # from the database never overwrites counts that the scripts above are keeping.
 _FILL = """
@@ -114,6 +125,13 @@ return 1
 """
 
 
+@dataclass(frozen=True)
+class QueuedAppend:
+    run_id: int
+    thread_id: int
+    op: bytes  # the serialised operation
+
+
 def run_key(run_id: int) -> str:
     return f"ingest:run:{run_id}"
 
@@ -122,10 +140,13 @@ def thread_key(thread_id: int) -> str:
     return f"ingest:thread:{thread_id}"
 
 
-def celery_message(queue: str, ops: list[Op]) -> bytes:
-    """A Celery protocol-2 message for the `ops.apply` task, as kombu's Redis transport stores it."""
+def celery_message(queue: str, ops: list[bytes]) -> bytes:
+    """A Celery protocol-2 message for the `ops.apply` task, as kombu's Redis transport stores it.
+
+    `ops` are the operations already serialised (each request serialises its own, while it is handled).
+    """
     task_id = str(uuid.uuid4())
-    body = orjson.dumps([[ops], {}, _EMBED]).decode()
+    body = (b"[[[" + b",".join(ops) + b"]],{}," + _EMBED + b"]").decode()
     return orjson.dumps({
         "body": body,
         "content-encoding": "utf-8",
@@ -163,14 +184,15 @@ class Queue:
         self._run_append = redis.register_script(_RUN_APPEND)
         self._thread_complete = redis.register_script(_THREAD_COMPLETE)
         self._run_complete = redis.register_script(_RUN_COMPLETE)
+        self._new_thread = redis.register_script(_NEW_THREAD)
         self._fill = redis.register_script(_FILL)
 
-    async def thread_appends(self, ops: list[Any]) -> list[str] | str:
+    async def thread_appends(self, appends: list[QueuedAppend]) -> list[str] | str:
         """Enqueue thread appends in one message: 'ok', 'busy', or (nothing enqueued) a verdict per append."""
         keys = [self.queue]
-        for op in ops:
-            keys += [run_key(op["run_id"]), thread_key(op["thread_id"])]
-        message = celery_message(self.queue, ops)
+        for append in appends:
+            keys += [run_key(append.run_id), thread_key(append.thread_id)]
+        message = celery_message(self.queue, [append.op for append in appends])
         verdict = await self._append(keys=keys, args=[message, OPEN_TTL_SECONDS, self.high_water])
         if isinstance(verdict, bytes):
             return verdict.decode()
@@ -178,21 +200,26 @@ class Queue:
 
     async def run_append(self, op: Any) -> str:
         keys = [self.queue, run_key(op["run_id"])]
-        message = celery_message(self.queue, [op])
+        message = celery_message(self.queue, [orjson.dumps(op)])
         verdict = await self._run_append(keys=keys, args=[message, OPEN_TTL_SECONDS, self.high_water])
         return str(verdict.decode())
 
     async def thread_complete(self, op: Any) -> str:
         keys = [self.queue, run_key(op["run_id"]), thread_key(op["thread_id"])]
-        before, after = _split_at_placeholder(celery_message(self.queue, [op]))
+        before, after = _split_at_placeholder(celery_message(self.queue, [orjson.dumps(op)]))
         verdict = await self._thread_complete(keys=keys, args=[before, after, CLOSED_TTL_SECONDS])
         return str(verdict.decode())
 
     async def run_complete(self, op: Any) -> str:
         keys = [self.queue, run_key(op["run_id"])]
-        before, after = _split_at_placeholder(celery_message(self.queue, [op]))
+        before, after = _split_at_placeholder(celery_message(self.queue, [orjson.dumps(op)]))
         verdict = await self._run_complete(keys=keys, args=[before, after, CLOSED_TTL_SECONDS])
         return str(verdict.decode())
+
+    async def new_thread_index(self, run_id: int) -> int | str:
+        """The next thread index in the run, or 'closed' or 'missing'."""
+        verdict = await self._new_thread(keys=[run_key(run_id)], args=[OPEN_TTL_SECONDS])
+        return verdict.decode() if isinstance(verdict, bytes) else int(verdict)
 
     async def fill(self, key: str, closed: bool, ttl: int = OPEN_TTL_SECONDS, **fields: int) -> None:
         args: list[Any] = [CLOSED_TTL_SECONDS if closed else ttl, "closed", "1" if closed else "0"]

@@ -1,11 +1,12 @@
 """The GET endpoints: runs with their counters, threads, filters, pagination and expands (compat.md 2 and 4)."""
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
@@ -13,18 +14,24 @@ from starlette.responses import Response
 
 from api_shim.errors import INVALID, ApiError, not_found
 from api_shim.http import iso, json_response, path_id, services
+from schema.requests import Tag
 from schema.statuses import COUNT_COLUMNS, Status
 
 PER_PAGE = (15, 25, 50, 100)
 EXPANDS = ("automation_sources", "configs", "milestones", "statuses", "users")
 SORTS = {"automation_runs:created_at": "created_at"}
 ID_FILTERS = ("config_id", "created_by", "milestone_id", "source_id")
+_TAGS = TypeAdapter(list[Tag])
 
 _COUNTS = ", ".join(COUNT_COLUMNS)
 RUN_COLUMNS = (
     "id, project_id, source_id, name, status, config_id, milestone_id, elapsed, is_completed, tags, "
-    f"artifacts, fields, links, {_COUNTS}, thread_count, thread_completed_count, created_at, created_by, "
-    "updated_at, updated_by, completed_at, completed_by"
+    f"artifacts, fields, links, {_COUNTS}, created_at, created_by, "
+    "updated_at, updated_by, completed_at, completed_by, "
+    # Counted on read rather than kept on the run row, so that creating threads never queues on that row.
+    "(SELECT count(*) FROM automation_run_threads t WHERE t.run_id = automation_runs.id) AS thread_count, "
+    "(SELECT count(*) FROM automation_run_threads t WHERE t.run_id = automation_runs.id AND t.is_completed) "
+    "  AS thread_completed_count"
 )
 THREAD_COLUMNS = (
     "id, index, name, status, elapsed_observed, elapsed_computed, results_elapsed, is_completed, artifacts, "
@@ -32,7 +39,7 @@ THREAD_COLUMNS = (
 )
 
 
-def counters(row: Mapping[str, Any], statuses: Sequence[Status]) -> dict[str, int]:
+def counters(row: RowMapping, statuses: Sequence[Status]) -> dict[str, int]:
     counts = [row[c] for c in COUNT_COLUMNS]
     out = dict(zip(COUNT_COLUMNS, counts, strict=True))
     out["success_count"] = sum(counts[s.id - 1] for s in statuses if s.is_passed)
@@ -42,7 +49,7 @@ def counters(row: Mapping[str, Any], statuses: Sequence[Status]) -> dict[str, in
     return out
 
 
-def run_json(r: Mapping[str, Any], statuses: Sequence[Status]) -> dict[str, Any]:
+def run_json(r: RowMapping, statuses: Sequence[Status]) -> dict[str, Any]:
     return {
         "id": r["id"], "project_id": r["project_id"], "source_id": r["source_id"], "name": r["name"],
         "status": r["status"], "config_id": r["config_id"], "milestone_id": r["milestone_id"],
@@ -58,7 +65,7 @@ def run_json(r: Mapping[str, Any], statuses: Sequence[Status]) -> dict[str, Any]
     }
 
 
-def thread_json(t: Mapping[str, Any], statuses: Sequence[Status]) -> dict[str, Any]:
+def thread_json(t: RowMapping, statuses: Sequence[Status]) -> dict[str, Any]:
     elapsed = t["elapsed_observed"]
     if elapsed is None:
         elapsed = t["elapsed_computed"] if t["elapsed_computed"] is not None else t["results_elapsed"]
@@ -87,9 +94,9 @@ def parse_expands(params: QueryParams) -> list[str]:
     return names
 
 
-async def build_expands(conn: AsyncConnection, names: Iterable[str], runs: Sequence[Mapping[str, Any]],
+async def build_expands(conn: AsyncConnection, names: Iterable[str], runs: Sequence[RowMapping],
                         statuses: Sequence[Status],
-                        threads: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+                        threads: Sequence[RowMapping] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in names:
         if name == "statuses":
@@ -154,6 +161,18 @@ def _ids(params: QueryParams, name: str, errors: dict[str, list[str]]) -> list[i
     return [int(p) for p in parts]
 
 
+def _tags(params: QueryParams, errors: dict[str, list[str]]) -> list[str] | None:
+    # A tag no run can carry is a mistake in the query, not a filter that matches nothing.
+    tags = [t.strip() for t in params.get("tags", "").split(",") if t.strip()]
+    if not tags:
+        return None
+    try:
+        return _TAGS.validate_python(tags)
+    except ValidationError:
+        errors["tags"] = ["must be a comma-separated list of tags (letters, digits, underscore and dash)"]
+        return None
+
+
 def _moment(params: QueryParams, name: str, errors: dict[str, list[str]]) -> datetime | None:
     raw = params.get(name)
     if not raw:
@@ -212,8 +231,8 @@ async def list_runs(request: Request) -> Response:
         if status_ids is not None:
             where.append("status = ANY(:status)")
             binds["status"] = status_ids
-        tags = [t.strip() for t in params.get("tags", "").split(",") if t.strip()]
-        if tags:
+        tags = _tags(params, errors)
+        if tags is not None:
             where.append("tags && cast(:tags AS text[])")
             binds["tags"] = tags
         for name, op in (("created_after", ">"), ("created_before", "<")):
@@ -224,7 +243,7 @@ async def list_runs(request: Request) -> Response:
         try:
             expands = parse_expands(params)
         except ApiError as exc:
-            errors.update(exc.errors or {})
+            errors.update((name, list(problems)) for name, problems in (exc.errors or {}).items())
             expands = []
         if errors:
             raise ApiError(422, INVALID, errors)

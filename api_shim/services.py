@@ -4,13 +4,13 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from api_shim.auth import Authenticator
+from api_shim.batcher import AppendBatcher
 from api_shim.queue import Queue
 from api_shim.state import State
 from schema.settings import Settings
@@ -27,9 +27,6 @@ class StatusTable:
 
     statuses: list[Status] = field(default_factory=lambda: list(DEFAULT_STATUSES))
     aliases: dict[str, int] = field(default_factory=lambda: alias_map(DEFAULT_STATUSES))
-
-    def context(self) -> dict[str, Any]:
-        return {"statuses": self.aliases}
 
     async def refresh(self, engine: AsyncEngine) -> None:
         async with engine.connect() as conn:
@@ -49,19 +46,20 @@ class Services:
     state: State
     auth: Authenticator
     statuses: StatusTable
+    batcher: AppendBatcher
     _refresher: "asyncio.Task[None] | None" = None
 
     @classmethod
     def create(cls, settings: Settings) -> "Services":
         engine = create_async_engine(
-            settings.database_url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_timeout=5,
+            settings.database_url, pool_size=20, max_overflow=10, pool_pre_ping=True, pool_timeout=30,
             connect_args={"connect_timeout": 3},
         )
         redis = Redis.from_url(settings.redis_url, max_connections=256, socket_timeout=5,
                                socket_connect_timeout=3)
         queue = Queue(redis, settings.queue, settings.queue_high_water)
         return cls(settings, engine, redis, queue, State(engine, queue),
-                   Authenticator(redis, engine, settings.auth_cache_seconds), StatusTable())
+                   Authenticator(redis, engine, settings.auth_cache_seconds), StatusTable(), AppendBatcher(queue))
 
     async def start(self) -> None:
         try:

@@ -4,7 +4,8 @@ Creating a run or a thread writes to PostgreSQL at once: the client needs the id
 validated, authorised and put on the queue (see `queue.py`), then answered 204; a worker applies them.
 """
 
-import uuid
+import itertools
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ from starlette.responses import Response
 
 from api_shim.errors import ApiError, already_completed, invalid, not_found
 from api_shim.http import json_response, no_content, now_iso, parse, path_id, read_body, services
-from api_shim.queue import EXPECTED_PLACEHOLDER, run_key, thread_key
+from api_shim.queue import EXPECTED_PLACEHOLDER, QueuedAppend, run_key, thread_key
 from api_shim.services import Services
 from api_shim.state import ThreadRef
 from schema.requests import (
@@ -26,12 +27,25 @@ from schema.requests import (
     ThreadAppend,
     ThreadComplete,
     ThreadCreate,
-    dump,
 )
 
 
 def _new_op(kind: str, run_id: int, user_id: int) -> dict[str, Any]:
-    return {"kind": kind, "id": str(uuid.uuid4()), "run_id": run_id, "user_id": user_id, "at": now_iso()}
+    return {"kind": kind, "id": new_op_id(), "run_id": run_id, "user_id": user_id, "at": now_iso()}
+
+
+_ID_PREFIX = secrets.token_hex(8)
+_id_counter = itertools.count()
+
+
+def new_op_id() -> str:
+    """A UUID-shaped id unique to this process and call: a random prefix per process, then a counter.
+
+    uuid4() costs more than the rest of an append's bookkeeping; this is as unique and far cheaper.
+    """
+    n = f"{next(_id_counter):016x}"
+    p = _ID_PREFIX
+    return f"{p[:8]}-{p[8:12]}-{p[12:16]}-{n[:4]}-{n[4:]}"
 
 
 async def _enqueue(s: Services, run_id: int, thread_id: int | None,
@@ -80,15 +94,11 @@ async def _run_ref(request: Request) -> tuple[Services, int, int]:
 
 async def thread_append(request: Request) -> Response:
     s, ref, user_id = await _thread_ref(request)
-    body = parse(ThreadAppend, await read_body(request, s.settings.max_body_bytes), s.statuses.context())
-    op = _new_op("thread.append", ref.run_id, user_id) | {"thread_id": ref.thread_id}
-    op |= body.model_dump(mode="json", exclude_defaults=True)
-
-    async def push() -> str:
-        verdict = await s.queue.thread_appends([op])
-        return verdict if isinstance(verdict, str) else verdict[0]
-
-    _check_accepted(s, await _enqueue(s, ref.run_id, ref.thread_id, push), "thread")
+    body = parse(ThreadAppend, await read_body(request, s.settings.max_body_bytes), s.statuses.aliases)
+    op = _new_op("thread.append", ref.run_id, user_id) | {"thread_id": ref.thread_id} | body
+    append = QueuedAppend(ref.run_id, ref.thread_id, orjson.dumps(op))
+    verdict = await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.batcher.submit(append))
+    _check_accepted(s, verdict, "thread")
     return no_content()
 
 
@@ -96,7 +106,7 @@ async def thread_complete(request: Request) -> Response:
     s, ref, user_id = await _thread_ref(request)
     body = parse(ThreadComplete, await read_body(request, s.settings.max_body_bytes))
     op = _new_op("thread.complete", ref.run_id, user_id) | {"thread_id": ref.thread_id}
-    op |= dump(body) | {"expected": EXPECTED_PLACEHOLDER}
+    op |= _given(body) | {"expected": EXPECTED_PLACEHOLDER}
     # "done" (completed already, or its run is) is fine too: completing twice is safe for retries.
     await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.queue.thread_complete(op))
     return no_content()
@@ -105,7 +115,7 @@ async def thread_complete(request: Request) -> Response:
 async def run_append(request: Request) -> Response:
     s, run_id, user_id = await _run_ref(request)
     body = parse(RunAppend, await read_body(request, s.settings.max_body_bytes))
-    op = _new_op("run.append", run_id, user_id) | body.model_dump(mode="json", exclude_defaults=True)
+    op = _new_op("run.append", run_id, user_id) | body
     _check_accepted(s, await _enqueue(s, run_id, None, lambda: s.queue.run_append(op)), "run")
     return no_content()
 
@@ -114,7 +124,7 @@ async def run_complete(request: Request) -> Response:
     s, run_id, user_id = await _run_ref(request)
     body = parse(RunComplete, await read_body(request, s.settings.max_body_bytes))
     op = _new_op("run.complete", run_id, user_id)
-    op |= {"measure_elapsed": body.measure_elapsed, "expected": EXPECTED_PLACEHOLDER}
+    op |= {"measure_elapsed": body.get("measure_elapsed", True), "expected": EXPECTED_PLACEHOLDER}
     await _enqueue(s, run_id, None, lambda: s.queue.run_complete(op))
     return no_content()
 
@@ -133,23 +143,24 @@ async def create_run(request: Request) -> Response:
     body = parse(RunCreate, await read_body(request, s.settings.max_body_bytes))
 
     async with s.engine.begin() as conn:
-        config_id = await _resolve(conn, "configs", project_id, body.config_id, body.config, "config")
-        milestone_id = await _resolve(conn, "milestones", project_id, body.milestone_id, body.milestone,
-                                      "milestone")
+        config_id = await _resolve(conn, "configs", project_id, body.get("config_id"), body.get("config"),
+                                   "config")
+        milestone_id = await _resolve(conn, "milestones", project_id, body.get("milestone_id"),
+                                      body.get("milestone"), "milestone")
         # An unknown source is created on first use; DO UPDATE (a no-op) makes RETURNING see an existing row.
         source_id = (await conn.execute(text(
             "INSERT INTO automation_sources (project_id, name) VALUES (:p, :n) "
             "ON CONFLICT (project_id, name) DO UPDATE SET name = excluded.name RETURNING id"),
-            {"p": project_id, "n": body.source})).scalar_one()
+            {"p": project_id, "n": body["source"]})).scalar_one()
         run_id = (await conn.execute(text(
             "INSERT INTO automation_runs (project_id, source_id, name, config_id, milestone_id, tags, "
             "  artifacts, fields, links, created_by) "
             "VALUES (:project, :source, :name, :config, :milestone, :tags, "
             "  cast(:artifacts AS jsonb), cast(:fields AS jsonb), cast(:links AS jsonb), :user) RETURNING id"),
-            {"project": project_id, "source": source_id, "name": body.name, "config": config_id,
-             "milestone": milestone_id, "tags": body.tags, "user": principal.user_id,
+            {"project": project_id, "source": source_id, "name": body["name"], "config": config_id,
+             "milestone": milestone_id, "tags": body.get("tags", []), "user": principal.user_id,
              **_json_columns(body, "artifacts", "fields", "links")})).scalar_one()
-    await s.queue.fill(run_key(run_id), closed=False, project=project_id, ops=0)
+    await s.queue.fill(run_key(run_id), closed=False, project=project_id, ops=0, threads=0)
     s.state.remember_run(run_id, project_id)
     return json_response({"id": run_id}, 201)
 
@@ -157,34 +168,42 @@ async def create_run(request: Request) -> Response:
 async def create_thread(request: Request) -> Response:
     s, run_id, user_id = await _run_ref(request)
     body = parse(ThreadCreate, await read_body(request, s.settings.max_body_bytes))
-    if await s.queue.redis.hget(run_key(run_id), "closed") == b"1":
+    index = await s.queue.new_thread_index(run_id)
+    if index == "missing":
+        await s.state.rebuild_run(run_id)
+        index = await s.queue.new_thread_index(run_id)
+    if not isinstance(index, int):
         raise already_completed("run")
     async with s.engine.begin() as conn:
-        # Counting the thread on the run row also orders this insert against the run's finalisation: if the
-        # run is finalised first this matches no row; if this commits first, finalisation sees the thread.
-        run = (await conn.execute(text(
-            "UPDATE automation_runs SET thread_count = thread_count + 1 "
-            "WHERE id = :id AND NOT is_completed AND ops_expected IS NULL RETURNING project_id, thread_count"),
-            {"id": run_id})).first()
-        if run is None:
-            raise already_completed("run")
-        project_id, index = run
-        thread_id = (await conn.execute(text(
+        # KEY SHARE on the run lets appends' workers update it meanwhile, but makes this insert wait for a
+        # worker finalising the run (which takes FOR UPDATE) and then re-check: a thread is either created
+        # before the run is finalised (and completed with it) or refused.
+        thread = (await conn.execute(text(
             "INSERT INTO automation_run_threads (run_id, project_id, index, name, elapsed_observed, "
             "  elapsed_computed, artifacts, fields, created_by) "
-            "VALUES (:run, :project, :index, :name, :observed, :computed, "
-            "  cast(:artifacts AS jsonb), cast(:fields AS jsonb), :user) RETURNING id"),
-            {"run": run_id, "project": project_id, "index": index, "name": body.name,
-             "observed": body.elapsed_observed, "computed": body.elapsed_computed, "user": user_id,
-             **_json_columns(body, "artifacts", "fields")})).scalar_one()
+            "SELECT r.id, r.project_id, :index, :name, :observed, :computed, "
+            "  cast(:artifacts AS jsonb), cast(:fields AS jsonb), :user "
+            "FROM automation_runs r WHERE r.id = :run AND NOT r.is_completed AND r.ops_expected IS NULL "
+            "FOR KEY SHARE "
+            "RETURNING id, project_id"),
+            {"run": run_id, "index": index, "name": body.get("name"), "observed": body.get("elapsed_observed"),
+             "computed": body.get("elapsed_computed"), "user": user_id,
+             **_json_columns(body, "artifacts", "fields")})).first()
+    if thread is None:
+        raise already_completed("run")
+    thread_id, project_id = thread
     await s.queue.fill(thread_key(thread_id), closed=False, run=run_id, project=project_id, appends=0)
     s.state.remember_thread(ThreadRef(thread_id, run_id, project_id))
     return json_response({"id": thread_id}, 201)
 
 
-def _json_columns(body: RunCreate | ThreadCreate, *names: str) -> dict[str, str]:
-    dumped = body.model_dump(mode="json", include=set(names))
-    return {name: orjson.dumps(dumped[name]).decode() for name in names}
+def _json_columns(body: dict[str, Any], *names: str) -> dict[str, str]:
+    return {name: orjson.dumps(body.get(name, [])).decode() for name in names}
+
+
+def _given(body: dict[str, Any]) -> dict[str, Any]:
+    """The keys the client gave a value (not null) to."""
+    return {k: v for k, v in body.items() if v is not None}
 
 
 async def _resolve(conn: AsyncConnection, table: str, project_id: int, given_id: int | None,

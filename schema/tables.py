@@ -123,9 +123,6 @@ automation_runs = Table(
     Column("fields", JSONB, nullable=False, server_default=EMPTY_JSON_LIST),
     Column("links", JSONB, nullable=False, server_default=EMPTY_JSON_LIST),
     *_counters(),
-    # Bumped when a thread is created (which also gives the thread its index) and when one is finalised.
-    Column("thread_count", Integer, nullable=False, server_default=text("0")),
-    Column("thread_completed_count", Integer, nullable=False, server_default=text("0")),
     # Completion barrier: queued operations on this run (run appends, thread appends and thread completes)
     # applied so far, and how many the shim had accepted when the run's complete was accepted.
     Column("ops_applied", Integer, nullable=False, server_default=text("0")),

@@ -86,9 +86,10 @@ class Service:
         self._log_file.close()
 
 
-def start_api(env: Mapping[str, str], log: Path, tls: tuple[Path, Path] | None = None) -> tuple[Service, str]:
+def start_api(env: Mapping[str, str], log: Path, tls: tuple[Path, Path] | None = None,
+              extra_args: list[str] | None = None) -> tuple[Service, str]:
     port = free_port()
-    args = ["api", "--port", str(port)]
+    args = ["api", "--port", str(port), *(extra_args or [])]
     scheme = "http"
     if tls is not None:
         args += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
@@ -98,6 +99,7 @@ def start_api(env: Mapping[str, str], log: Path, tls: tuple[Path, Path] | None =
 
     def up() -> bool:
         if not service.alive():
+            service.stop()
             raise AssertionError(f"api exited:\n{service.output()}")
         try:
             httpx.get(f"{url}/api/v1/user", verify=False, timeout=1)
@@ -114,6 +116,7 @@ def start_worker(env: Mapping[str, str], log: Path, concurrency: int = 2) -> Ser
 
     def ready() -> bool:
         if not service.alive():
+            service.stop()
             raise AssertionError(f"worker exited:\n{service.output()}")
         return " ready." in service.output()
 

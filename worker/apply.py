@@ -61,7 +61,6 @@ class RunState:
     is_completed: bool
     counts: list[int]
     created_at: datetime
-    thread_completed_count: int
     ops_applied: int
     ops_expected: int | None
     measure_elapsed: bool | None
@@ -132,7 +131,6 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
         if thread.changed:
             run = runs[thread.run_id]
             run.counts = [a + b for a, b in zip(run.counts, thread.delta, strict=True)]
-            run.thread_completed_count += thread.finalised
             run.changed = True
     for run in runs.values():
         if _run_ready(run):
@@ -259,14 +257,16 @@ def _run_ready(run: RunState) -> bool:
 def finalise_run(conn: Connection, run: RunState, failed_ids: list[int]) -> None:
     """Complete the run and its open threads; its counters are final from here on."""
     failures = " + ".join(COUNT_COLUMNS[i - 1] for i in failed_ids) or "0"
-    closed = conn.exec_driver_sql(
+    # A thread being created holds KEY SHARE on the run; FOR UPDATE waits for it, so that the new thread is
+    # either seen and completed here, or (see `writes.create_thread`) refused because the run is completed.
+    conn.exec_driver_sql("SELECT 1 FROM automation_runs WHERE id = %(run)s FOR UPDATE", {"run": run.id})
+    conn.exec_driver_sql(
         f"UPDATE automation_run_threads SET is_completed = true, "
         f"status = CASE WHEN {failures} > 0 THEN {RUN_STATUS_FAILED} ELSE {RUN_STATUS_PASSED} END, "
         f"completed_at = %(at)s, completed_by = %(by)s "
-        f"WHERE run_id = %(run)s AND NOT is_completed RETURNING id",
+        f"WHERE run_id = %(run)s AND NOT is_completed",
         {"at": run.complete_requested_at, "by": run.complete_requested_by, "run": run.id},
-    ).fetchall()
-    run.thread_completed_count += len(closed)
+    )
     assert run.complete_requested_at is not None
     if run.measure_elapsed:
         run.elapsed = int((run.complete_requested_at - run.created_at).total_seconds() * 1_000_000)
@@ -327,7 +327,7 @@ def lock_runs(conn: Connection, ids: list[int]) -> dict[int, RunState]:
     if not ids:
         return {}
     rows = conn.exec_driver_sql(
-        f"SELECT id, is_completed, created_at, thread_completed_count, ops_applied, ops_expected, "
+        f"SELECT id, is_completed, created_at, ops_applied, ops_expected, "
         f"measure_elapsed, complete_requested_at, complete_requested_by, updated_at, updated_by, {_COUNTS} "
         f"FROM automation_runs WHERE id = ANY(%(ids)s) ORDER BY id FOR NO KEY UPDATE",
         {"ids": ids},
@@ -375,14 +375,14 @@ def write_threads(conn: Connection, threads: list[ThreadState]) -> None:
 
 def write_run(conn: Connection, run: RunState) -> None:
     conn.exec_driver_sql(
-        f"UPDATE automation_runs SET {_SET_COUNTS}, thread_completed_count = %s, ops_applied = %s, "
+        f"UPDATE automation_runs SET {_SET_COUNTS}, ops_applied = %s, "
         f"ops_expected = %s, measure_elapsed = %s, complete_requested_at = %s, complete_requested_by = %s, "
         f"fields = fields || %s::jsonb, links = links || %s::jsonb, artifacts = artifacts || %s::jsonb, "
         f"updated_at = %s, updated_by = %s, is_completed = %s, status = coalesce(%s, status), "
         f"elapsed = coalesce(%s, elapsed), completed_at = coalesce(%s, completed_at), "
         f"completed_by = coalesce(%s, completed_by) "
         f"WHERE id = %s",
-        (*run.counts, run.thread_completed_count, run.ops_applied, run.ops_expected, run.measure_elapsed,
+        (*run.counts, run.ops_applied, run.ops_expected, run.measure_elapsed,
          run.complete_requested_at, run.complete_requested_by,
          _json(run.new_fields), _json(run.new_links), _json(run.new_artifacts),
          run.updated_at, run.updated_by, run.is_completed, run.status, run.elapsed,

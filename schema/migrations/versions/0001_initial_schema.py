@@ -164,8 +164,6 @@ def upgrade() -> None:
     sa.Column('status22_count', sa.Integer(), server_default=sa.text('0'), nullable=False),
     sa.Column('status23_count', sa.Integer(), server_default=sa.text('0'), nullable=False),
     sa.Column('status24_count', sa.Integer(), server_default=sa.text('0'), nullable=False),
-    sa.Column('thread_count', sa.Integer(), server_default=sa.text('0'), nullable=False),
-    sa.Column('thread_completed_count', sa.Integer(), server_default=sa.text('0'), nullable=False),
     sa.Column('ops_applied', sa.Integer(), server_default=sa.text('0'), nullable=False),
     sa.Column('ops_expected', sa.Integer(), nullable=True),
     sa.Column('measure_elapsed', sa.Boolean(), nullable=True),

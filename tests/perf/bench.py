@@ -1,0 +1,335 @@
+"""Play a CI fleet against a running server and compare its end-to-end rate with raw COPY.
+
+    .venv/bin/python tests/perf/bench.py --runs 1 --threads 1000 --appends 10 --tests 100
+    .venv/bin/python tests/perf/bench.py --runs 20 --threads 50 --appends 10 --tests 100
+
+It starts its own shim and workers on the database `ingest_bench` and Redis database 14 (so it never
+touches a development server), creates R runs of T threads, and has `--concurrency` CI jobs at a time each
+push one thread's A appends of B tests and complete it; then it completes the runs and polls until every
+counter is exact. In the same run it measures how fast the same PostgreSQL takes as many equivalent rows by
+COPY, and prints both. Not collected by pytest: run it by hand or with `make bench`.
+"""
+
+import argparse
+import asyncio
+import hashlib
+import os
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import redis
+from sqlalchemy import create_engine, make_url
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support import Service, start_api, start_worker  # noqa: E402
+
+from ingest.admin import Admin  # noqa: E402
+from schema.db import upgrade  # noqa: E402
+from schema.settings import Settings  # noqa: E402
+
+BENCH_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ingest_bench"
+BENCH_REDIS_URL = "redis://127.0.0.1:6379/14"
+STATUSES = [("passed", 2)] * 7 + [("failed", 3), ("skipped", 6), ("error", 3)]
+CONSOLE = "Traceback (most recent call last):\n" + "  File \"suite.py\", line 12, in test\n" * 8 + "AssertionError\n"
+
+
+# --- a small HTTP/1.1 client: the load generator must cost the machine as little as possible ---------------
+
+class Connection:
+    def __init__(self, host: str, port: int, token: str) -> None:
+        self.host, self.port = host, port
+        self.head = f"Host: {host}:{port}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        for attempt in range(2):
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            assert self.reader is not None
+            try:
+                self.writer.write(f"{method} {path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n"
+                                  .encode() + body)
+                status_line = await self.reader.readline()
+                if not status_line:
+                    raise ConnectionResetError
+                status = int(status_line.split()[1])
+                length = 0
+                while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                return status, await self.reader.readexactly(length) if length else b""
+            except (ConnectionError, asyncio.IncompleteReadError):
+                self.writer.close()
+                self.writer = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@dataclass
+class Stats:
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    async def call(self, conn: Connection, name: str, method: str, path: str, body: bytes = b"",
+                   ok: int = 204) -> bytes:
+        start = time.perf_counter()
+        status, payload = await conn.request(method, path, body)
+        self.latencies[name].append(time.perf_counter() - start)
+        if status != ok:
+            self.errors[f"{name} {status}"] += 1
+            if sum(self.errors.values()) <= 5:
+                print(f"  ! {name} -> {status}: {payload[:300]!r}", file=sys.stderr)
+        return payload
+
+
+# --- the fleet -------------------------------------------------------------------------------------------------
+
+def make_append(rng: random.Random, thread_no: int, append_no: int, tests: int,
+                expected: dict[int, int]) -> bytes:
+    items = []
+    for i in range(tests):
+        name = f"test_case_{thread_no}_{append_no}_{i}"
+        folder = f"tests/suite_{(thread_no * 7 + i) % 40}"
+        status, status_id = rng.choice(STATUSES)
+        expected[status_id] += 1
+        test: dict[str, Any] = {
+            "key": hashlib.sha256(f"{folder}.{name}".encode()).hexdigest(), "name": name, "folder": folder,
+            "status": status, "elapsed": rng.randint(1_000, 5_000_000), "file": f"{folder}.py", "line": i + 1,
+        }
+        if status_id == 3:
+            test["fields"] = [{"type": 4, "name": "Output", "value": CONSOLE}]
+        items.append(test)
+    return orjson.dumps({"tests": items})
+
+
+async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace) -> dict[str, Any]:
+    host, port = url.removeprefix("http://").split(":")
+    rng = random.Random(42)
+    stats = Stats()
+    expected_run: dict[int, dict[int, int]] = {}
+    conns = [Connection(host, int(port), token) for _ in range(args.concurrency)]
+
+    t_start = time.perf_counter()
+    runs = []
+    for r in range(args.runs):
+        body = orjson.dumps({"name": f"bench {r}", "source": "bench", "fields": [], "links": [], "artifacts": []})
+        runs.append(orjson.loads(await stats.call(conns[0], "create run", "POST",
+                                                  f"/api/v1/projects/{project_id}/automation/runs", body, 201))["id"])
+
+    # Each CI job: create its thread, push its appends one after another, complete the thread.
+    jobs = [(run_id, t) for t in range(args.threads) for run_id in runs]
+    rng.shuffle(jobs)
+    print(f"generating {len(jobs) * args.appends} append bodies ...", file=sys.stderr)
+    bodies: list[list[bytes]] = []
+    for job_no, (run_id, _) in enumerate(jobs):
+        counts = expected_run.setdefault(run_id, defaultdict(int))
+        bodies.append([make_append(rng, job_no, a, args.tests, counts) for a in range(args.appends)])
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for job_no in range(len(jobs)):
+        queue.put_nowait(job_no)
+
+    async def ci_job(conn: Connection) -> None:
+        while not queue.empty():
+            job_no = queue.get_nowait()
+            run_id, _ = jobs[job_no]
+            thread = orjson.loads(await stats.call(
+                conn, "create thread", "POST", f"/api/v1/automation/runs/{run_id}/threads",
+                b'{"fields":[],"artifacts":[],"elapsed_computed":1000}', 201))["id"]
+            path = f"/api/v1/automation/runs/threads/{thread}"
+            for body in bodies[job_no]:
+                await stats.call(conn, "thread append", "POST", f"{path}/append", body)
+            await stats.call(conn, "thread complete", "POST", f"{path}/complete", b"{}")
+
+    print("fleet starting", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(ci_job(c) for c in conns))
+    for run_id in runs:
+        await stats.call(conns[0], "run complete", "POST", f"/api/v1/automation/runs/{run_id}/complete",
+                         b'{"measure_elapsed":true}')
+    t_last_complete = time.perf_counter()
+    accepted_seconds = t_last_complete - t0
+
+    # Poll until every run is completed with exact counters (the list endpoint: runs without their threads).
+    pending = set(runs)
+    mismatched: dict[int, Any] = {}
+    while pending:
+        page = orjson.loads(await stats.call(
+            conns[0], "list runs", "GET", f"/api/v1/projects/{project_id}/automation/runs?per_page=100", ok=200))
+        for run in page["result"]:
+            if run["id"] in pending and run["is_completed"]:
+                pending.discard(run["id"])
+                want = expected_run[run["id"]]
+                got = {1: run["untested_count"], **{i + 1: run[f"status{i}_count"] for i in range(1, 25)}}
+                if {k: v for k, v in got.items() if v} != dict(want):
+                    mismatched[run["id"]] = (dict(want), {k: v for k, v in got.items() if v})
+        if pending:
+            await asyncio.sleep(0.02)
+            if time.perf_counter() - t_last_complete > args.timeout:
+                raise SystemExit(f"timed out: {len(pending)} runs not completed")
+    t_exact = time.perf_counter()
+    for c in conns:
+        c.close()
+    total = sum(sum(c.values()) for c in expected_run.values())
+    return {"stats": stats, "total": total, "expected": expected_run, "e2e_seconds": t_exact - t_start,
+            "accepted_seconds": accepted_seconds, "lag": t_exact - t_last_complete, "mismatched": mismatched}
+
+
+# --- raw COPY of as many equivalent rows -------------------------------------------------------------------------
+
+def raw_copy_rate(database_url: str, rows: int) -> float:
+    rng = random.Random(7)
+    lines = []
+    for i in range(rows):
+        name = f"test_case_{i}"
+        folder = f"tests/suite_{i % 40}"
+        _, status_id = rng.choice(STATUSES)
+        fields = orjson.dumps([{"type": 4, "name": "Output", "value": CONSOLE}]).decode() if status_id == 3 else None
+        values = [1, 1 + i // 1000, status_id, hashlib.sha256(f"{folder}.{name}".encode()).hexdigest(), name, folder,
+                  rng.randint(1_000, 5_000_000), f"{folder}.py", i % 100 + 1, None, fields, None,
+                  "2026-11-28T00:00:00.000000Z"]
+        lines.append("\t".join("\\N" if v is None else str(v).replace("\\", "\\\\").replace("\n", "\\n")
+                               for v in values))
+    data = ("\n".join(lines) + "\n").encode()
+    url = make_url(database_url).set(drivername="postgresql")
+    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_copy")
+        conn.execute("CREATE TABLE bench_copy (LIKE automation_results INCLUDING ALL)")
+        start = time.perf_counter()
+        with conn.transaction(), conn.cursor() as cur, cur.copy(
+                "COPY bench_copy (run_id, thread_id, status_id, key, name, folder, elapsed, file, line, assertions, "
+                "fields, artifacts, created_at) FROM STDIN") as copy:
+            for i in range(0, len(data), 1 << 20):
+                copy.write(data[i:i + (1 << 20)])
+        seconds = time.perf_counter() - start
+        conn.execute("DROP TABLE bench_copy")
+    return rows / seconds
+
+
+def stored_counts(database_url: str) -> dict[int, dict[int, int]]:
+    url = make_url(database_url).set(drivername="postgresql")
+    out: dict[int, dict[int, int]] = defaultdict(dict)
+    with psycopg.connect(url.render_as_string(hide_password=False)) as conn:
+        for run_id, status_id, n in conn.execute(
+                "SELECT run_id, status_id, count(*) FROM automation_results GROUP BY 1, 2"):
+            out[run_id][status_id] = n
+    return out
+
+
+# --- processes ---------------------------------------------------------------------------------------------------
+
+def tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children[ppid].append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children[p])
+    return out
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1000)
+    parser.add_argument("--appends", type=int, default=10)
+    parser.add_argument("--tests", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=200, help="CI jobs (requests) in flight")
+    parser.add_argument("--api-workers", type=int, default=1)
+    parser.add_argument("--worker-concurrency", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "bench")
+    args = parser.parse_args()
+
+    settings = Settings(database_url=BENCH_DATABASE_URL, redis_url=BENCH_REDIS_URL)
+    url = make_url(BENCH_DATABASE_URL)
+    admin_engine = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin_engine.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
+    admin_engine.dispose()
+    upgrade(BENCH_DATABASE_URL)
+    redis.Redis.from_url(BENCH_REDIS_URL).flushdb()
+    admin = Admin(settings)
+    project_id = admin.create_project("bench")
+    token = admin.create_token("bench", [project_id])
+    admin.close()
+
+    args.logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ) | {"INGEST_DATABASE_URL": BENCH_DATABASE_URL, "INGEST_REDIS_URL": BENCH_REDIS_URL,
+                              "INGEST_LOG_LEVEL": "WARNING"}
+    api, api_url = start_api(env, args.logs / "api.log", extra_args=["--workers", str(args.api_workers)])
+    worker: Service = start_worker(env, args.logs / "worker.log", concurrency=args.worker_concurrency)
+    print(f"pids api={api.proc.pid} worker={worker.proc.pid}", file=sys.stderr, flush=True)
+    try:
+        result = asyncio.run(fleet(api_url, token, project_id, args))
+        rss = {"shim": [peak_rss_mb(p) for p in tree(api.proc.pid)[1:] or [api.proc.pid]],
+               "worker": [peak_rss_mb(p) for p in tree(worker.proc.pid)[1:]]}
+    finally:
+        api.stop()
+        worker.stop()
+    stored = stored_counts(BENCH_DATABASE_URL)
+    for run_id, want in result["expected"].items():
+        if stored.get(run_id) != dict(want):
+            result["mismatched"][run_id] = ("stored results", dict(want), stored.get(run_id))
+    print("measuring raw COPY ...", file=sys.stderr)
+    copy_rate = raw_copy_rate(BENCH_DATABASE_URL, result["total"])
+
+    stats: Stats = result["stats"]
+    total = result["total"]
+    e2e_rate = total / result["e2e_seconds"]
+    print(f"\nfleet: {args.runs} runs x {args.threads} threads x {args.appends} appends x {args.tests} tests "
+          f"= {total:,} results, {args.concurrency} in flight, api workers {args.api_workers}, "
+          f"worker concurrency {args.worker_concurrency}")
+    print(f"{'endpoint':<16}{'n':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}")
+    for name, values in stats.latencies.items():
+        ms = [v * 1000 for v in values]
+        print(f"{name:<16}{len(ms):>8}{statistics.median(ms):>9.1f}{percentile(ms, 95):>9.1f}"
+              f"{percentile(ms, 99):>9.1f}{max(ms):>9.1f}")
+    print(f"error responses: {dict(stats.errors) or 'none'}")
+    print(f"accepted results/s:      {total / result['accepted_seconds']:>10,.0f}")
+    print(f"end-to-end results/s:    {e2e_rate:>10,.0f}  (first request to exact counters, "
+          f"{result['e2e_seconds']:.1f} s)")
+    print(f"raw COPY rows/s:         {copy_rate:>10,.0f}")
+    print(f"ratio end-to-end / COPY: {e2e_rate / copy_rate:>10.2f}")
+    print(f"lag, last complete to exact final counters: {result['lag']:.2f} s")
+    print(f"peak RSS MB: shim {[round(x) for x in rss['shim']]}, worker processes {[round(x) for x in rss['worker']]}")
+    print(f"every counter matched: {'yes' if not result['mismatched'] else 'NO ' + str(result['mismatched'])}")
+
+
+if __name__ == "__main__":
+    main()

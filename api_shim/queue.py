@@ -1,8 +1,10 @@
 """Putting operations on the Celery queue, atomically with the completion-barrier bookkeeping.
 
-The shim writes Celery messages (protocol 2, JSON) straight into the Redis list the workers consume, from
-Lua scripts, so that checking a thread is still open, counting the append and enqueueing it are one step:
-no append can slip in between a complete and the count the complete records.
+A batch of operations is stored under its own Redis key, and a small Celery message (protocol 2, JSON) that
+names the key is pushed to the list the workers consume (the claim-check pattern: Celery and kombu copy,
+re-encode and pickle each message several times, which for a megabyte of results costs more than applying
+them). Lua scripts do both, so that checking a thread is still open, counting the append and enqueueing it
+are one atomic step: no append can slip in between a complete and the count the complete records.
 
 Per run and per thread a Redis hash keeps the state the hot path needs:
   run:    project, closed ("0"/"1"), ops (operations accepted on the run, its threads' included),
@@ -21,13 +23,13 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from schema.messages import APPLY_TASK
+from schema.messages import APPLY_TASK, batch_key
 
-# Lua splices the count a complete records into its message where this number stands.
+# Lua splices the count a complete records into its payload where this number stands.
 EXPECTED_PLACEHOLDER = -7_777_777_777
 _PLACEHOLDER_BYTES = str(EXPECTED_PLACEHOLDER).encode()
 _ORIGIN = f"ingest-shim@{socket.gethostname()}:{os.getpid()}"
-_EMBED = orjson.dumps({"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 OPEN_TTL_SECONDS = 30 * 24 * 3600
 CLOSED_TTL_SECONDS = 24 * 3600
@@ -36,18 +38,18 @@ CLOSED_TTL_SECONDS = 24 * 3600
 # stalled fleet of workers cannot make Redis grow without bound. Completes are never refused: they are
 # small, and refusing one would fail a CI job that has already delivered all its results.
 _BUSY = """
-local high_water = tonumber(ARGV[3])
+local high_water = tonumber(ARGV[4])
 if high_water > 0 and redis.call('LLEN', KEYS[1]) >= high_water then return 'busy' end
 """
 
-# KEYS: queue, then a (run, thread) pair per append. ARGV: message, open ttl, high water.
+# KEYS: queue, batch, then a (run, thread) pair per append. ARGV: message, payload, open ttl, high water.
 # Enqueues only if every thread and run is open; otherwise returns each append's verdict.
 _APPEND = _BUSY + """
-local n = (#KEYS - 1) / 2
+local n = (#KEYS - 2) / 2
 local verdicts, blocked = {}, false
 for i = 1, n do
-  local run_closed = redis.call('HGET', KEYS[2 * i], 'closed')
-  local thread_closed = redis.call('HGET', KEYS[2 * i + 1], 'closed')
+  local run_closed = redis.call('HGET', KEYS[2 * i + 1], 'closed')
+  local thread_closed = redis.call('HGET', KEYS[2 * i + 2], 'closed')
   local verdict = 'ok'
   if not run_closed or not thread_closed then
     verdict, blocked = 'missing', true
@@ -58,51 +60,55 @@ for i = 1, n do
 end
 if blocked then return verdicts end
 for i = 1, n do
-  redis.call('HINCRBY', KEYS[2 * i], 'ops', 1)
-  redis.call('HINCRBY', KEYS[2 * i + 1], 'appends', 1)
-  redis.call('EXPIRE', KEYS[2 * i], ARGV[2])
-  redis.call('EXPIRE', KEYS[2 * i + 1], ARGV[2])
+  redis.call('HINCRBY', KEYS[2 * i + 1], 'ops', 1)
+  redis.call('HINCRBY', KEYS[2 * i + 2], 'appends', 1)
+  redis.call('EXPIRE', KEYS[2 * i + 1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2 * i + 2], ARGV[3])
 end
+redis.call('SET', KEYS[2], ARGV[2])
 redis.call('LPUSH', KEYS[1], ARGV[1])
 return 'ok'
 """
 
-# KEYS: queue, run. ARGV: message, open ttl, high water.
+# KEYS: queue, batch, run. ARGV: message, payload, open ttl, high water.
 _RUN_APPEND = _BUSY + """
-local closed = redis.call('HGET', KEYS[2], 'closed')
+local closed = redis.call('HGET', KEYS[3], 'closed')
 if not closed then return 'missing' end
 if closed == '1' then return 'closed' end
-redis.call('HINCRBY', KEYS[2], 'ops', 1)
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'ops', 1)
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2])
 redis.call('LPUSH', KEYS[1], ARGV[1])
 return 'ok'
 """
 
-# KEYS: queue, run, thread. ARGV: message before and after the count, closed ttl.
+# KEYS: queue, batch, run, thread. ARGV: message, payload before and after the count, closed ttl.
 # The complete records how many appends were accepted before it.
 _THREAD_COMPLETE = """
-local run_closed = redis.call('HGET', KEYS[2], 'closed')
-local thread_closed = redis.call('HGET', KEYS[3], 'closed')
+local run_closed = redis.call('HGET', KEYS[3], 'closed')
+local thread_closed = redis.call('HGET', KEYS[4], 'closed')
 if not run_closed or not thread_closed then return 'missing' end
 if run_closed == '1' or thread_closed == '1' then return 'done' end
-redis.call('HSET', KEYS[3], 'closed', '1')
-redis.call('EXPIRE', KEYS[3], ARGV[3])
-redis.call('HINCRBY', KEYS[2], 'ops', 1)
-local expected = redis.call('HGET', KEYS[3], 'appends')
-redis.call('LPUSH', KEYS[1], ARGV[1] .. expected .. ARGV[2])
+redis.call('HSET', KEYS[4], 'closed', '1')
+redis.call('EXPIRE', KEYS[4], ARGV[4])
+redis.call('HINCRBY', KEYS[3], 'ops', 1)
+local expected = redis.call('HGET', KEYS[4], 'appends')
+redis.call('SET', KEYS[2], ARGV[2] .. expected .. ARGV[3])
+redis.call('LPUSH', KEYS[1], ARGV[1])
 return 'ok'
 """
 
-# KEYS: queue, run. ARGV: message before and after the count, closed ttl.
+# KEYS: queue, batch, run. ARGV: message, payload before and after the count, closed ttl.
 # The complete records how many operations on the run were accepted before it.
 _RUN_COMPLETE = """
-local closed = redis.call('HGET', KEYS[2], 'closed')
+local closed = redis.call('HGET', KEYS[3], 'closed')
 if not closed then return 'missing' end
 if closed == '1' then return 'done' end
-redis.call('HSET', KEYS[2], 'closed', '1')
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-local expected = redis.call('HGET', KEYS[2], 'ops')
-redis.call('LPUSH', KEYS[1], ARGV[1] .. expected .. ARGV[2])
+redis.call('HSET', KEYS[3], 'closed', '1')
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+local expected = redis.call('HGET', KEYS[3], 'ops')
+redis.call('SET', KEYS[2], ARGV[2] .. expected .. ARGV[3])
+redis.call('LPUSH', KEYS[1], ARGV[1])
 return 'ok'
 """
 
@@ -140,38 +146,30 @@ def thread_key(thread_id: int) -> str:
     return f"ingest:thread:{thread_id}"
 
 
-def celery_message(queue: str, ops: list[bytes]) -> bytes:
-    """A Celery protocol-2 message for the `ops.apply` task, as kombu's Redis transport stores it.
-
-    `ops` are the operations already serialised (each request serialises its own, while it is handled).
-    """
+def celery_message(queue: str, key: str) -> bytes:
+    """A Celery protocol-2 message for the `ops.apply` task on the batch stored at `key`, as kombu's Redis
+    transport stores it."""
     task_id = str(uuid.uuid4())
-    body = (b"[[[" + b",".join(ops) + b"]],{}," + _EMBED + b"]").decode()
     return orjson.dumps({
-        "body": body,
+        "body": orjson.dumps([[key], {}, _EMBED]).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
             "lang": "py", "task": APPLY_TASK, "id": task_id, "shadow": None, "eta": None, "expires": None,
             "group": None, "group_index": None, "retries": 0, "timelimit": [None, None],
-            "root_id": task_id, "parent_id": None,
-            # What Celery logs instead of the arguments: never the payload.
-            "argsrepr": f"<{len(ops)} ops>", "kwargsrepr": "{}",
+            "root_id": task_id, "parent_id": None, "argsrepr": repr([key]), "kwargsrepr": "{}",
             "origin": _ORIGIN, "ignore_result": True,
         },
         "properties": {
             "correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            # The body is JSON text, not base64: that lets a script splice a number into it.
-            "body_encoding": "utf-8",
-            "delivery_tag": str(uuid.uuid4()),
+            "priority": 0, "body_encoding": "utf-8", "delivery_tag": str(uuid.uuid4()),
         },
     })
 
 
-def _split_at_placeholder(message: bytes) -> tuple[bytes, bytes]:
-    before, after = message.split(_PLACEHOLDER_BYTES)
+def _split_at_placeholder(payload: bytes) -> tuple[bytes, bytes]:
+    before, after = payload.split(_PLACEHOLDER_BYTES)
     return before, after
 
 
@@ -187,33 +185,41 @@ class Queue:
         self._new_thread = redis.register_script(_NEW_THREAD)
         self._fill = redis.register_script(_FILL)
 
+    def _batch(self) -> tuple[str, bytes]:
+        key = batch_key(uuid.uuid4().hex)
+        return key, celery_message(self.queue, key)
+
     async def thread_appends(self, appends: list[QueuedAppend]) -> list[str] | str:
-        """Enqueue thread appends in one message: 'ok', 'busy', or (nothing enqueued) a verdict per append."""
-        keys = [self.queue]
+        """Enqueue thread appends as one batch: 'ok', 'busy', or (nothing enqueued) a verdict per append."""
+        key, message = self._batch()
+        keys = [self.queue, key]
         for append in appends:
             keys += [run_key(append.run_id), thread_key(append.thread_id)]
-        message = celery_message(self.queue, [append.op for append in appends])
-        verdict = await self._append(keys=keys, args=[message, OPEN_TTL_SECONDS, self.high_water])
+        payload = b"[" + b",".join(append.op for append in appends) + b"]"
+        verdict = await self._append(keys=keys, args=[message, payload, OPEN_TTL_SECONDS, self.high_water])
         if isinstance(verdict, bytes):
             return verdict.decode()
         return [v.decode() for v in verdict]
 
     async def run_append(self, op: Any) -> str:
-        keys = [self.queue, run_key(op["run_id"])]
-        message = celery_message(self.queue, [orjson.dumps(op)])
-        verdict = await self._run_append(keys=keys, args=[message, OPEN_TTL_SECONDS, self.high_water])
+        key, message = self._batch()
+        keys = [self.queue, key, run_key(op["run_id"])]
+        payload = orjson.dumps([op])
+        verdict = await self._run_append(keys=keys, args=[message, payload, OPEN_TTL_SECONDS, self.high_water])
         return str(verdict.decode())
 
     async def thread_complete(self, op: Any) -> str:
-        keys = [self.queue, run_key(op["run_id"]), thread_key(op["thread_id"])]
-        before, after = _split_at_placeholder(celery_message(self.queue, [orjson.dumps(op)]))
-        verdict = await self._thread_complete(keys=keys, args=[before, after, CLOSED_TTL_SECONDS])
+        key, message = self._batch()
+        keys = [self.queue, key, run_key(op["run_id"]), thread_key(op["thread_id"])]
+        before, after = _split_at_placeholder(orjson.dumps([op]))
+        verdict = await self._thread_complete(keys=keys, args=[message, before, after, CLOSED_TTL_SECONDS])
         return str(verdict.decode())
 
     async def run_complete(self, op: Any) -> str:
-        keys = [self.queue, run_key(op["run_id"])]
-        before, after = _split_at_placeholder(celery_message(self.queue, [orjson.dumps(op)]))
-        verdict = await self._run_complete(keys=keys, args=[before, after, CLOSED_TTL_SECONDS])
+        key, message = self._batch()
+        keys = [self.queue, key, run_key(op["run_id"])]
+        before, after = _split_at_placeholder(orjson.dumps([op]))
+        verdict = await self._run_complete(keys=keys, args=[message, before, after, CLOSED_TTL_SECONDS])
         return str(verdict.decode())
 
     async def new_thread_index(self, run_id: int) -> int | str:

@@ -1,13 +1,19 @@
 """What the shim puts on the queue and the worker applies.
 
-One Celery task, `ops.apply`, carries a list of operations. Each operation has its own id, claimed by the
-worker in the same transaction as its effect, so a message delivered twice changes nothing. The shape is
-plain JSON (TypedDicts, not models) because the worker handles a million of these per minute.
+The shim stores a batch of operations, a JSON list, under a Redis key (`batch_key`), and enqueues one Celery
+task, `ops.apply`, whose only argument is that key. Each operation has its own id, claimed by the worker in
+the same transaction as its effect, so a message delivered twice changes nothing. The shape is plain JSON
+(TypedDicts, not models) because the worker handles a million of these per minute.
 """
 
 from typing import Any, Literal, NotRequired, TypedDict
 
 APPLY_TASK = "ops.apply"
+BATCH_KEY_PREFIX = "ingest:batch:"
+
+
+def batch_key(name: str) -> str:
+    return BATCH_KEY_PREFIX + name
 
 JsonObject = dict[str, Any]
 

@@ -3,13 +3,16 @@
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 from conftest import Project, count_results, new_project
 from sqlalchemy import Engine
 from support import Service, make_tests, service_env, start_api, start_worker, unique, wait_for
 
+from api_shim.queue import celery_message
 from ingest.admin import Admin
+from schema.messages import batch_key
 
 
 def test_parallel_flow_counts_every_result(project: Project, engine: Engine) -> None:
@@ -111,11 +114,22 @@ def test_every_message_delivered_twice_changes_nothing(paused: Paused, engine: E
     api.complete_run(run_id)
 
     waiting = paused.messages()
-    paused.requeue(waiting + waiting)
+    # Each message twice as it is, and each batch once more under a new key, as if the shim had enqueued
+    # the same operations twice: only the claimed operation ids can tell those apart.
+    copies = []
+    keys = []
+    for message in waiting:
+        key = orjson.loads(orjson.loads(message)["body"])[0][0]
+        copy_key = batch_key(unique("copy"))
+        paused.redis.set(copy_key, paused.redis.get(key) or b"")
+        copies.append(celery_message(paused.queue, copy_key))
+        keys += [key, copy_key]
+    paused.requeue(waiting + copies + waiting)
     paused.start_worker()
 
-    run = api.wait_completed(run_id)
+    api.wait_completed(run_id)
     wait_for(lambda: paused.redis.llen(paused.queue) == 0, what="the duplicates to drain")
+    wait_for(lambda: not paused.redis.exists(*keys), what="the batches to be deleted")
     run = api.run(run_id)
     assert run["total_count"] == 100 and run["status1_count"] == 50 and run["status5_count"] == 50
     assert count_results(engine, run_id) == {2: 50, 6: 50}

@@ -39,4 +39,4 @@ app.conf.update(
 @worker_process_init.connect
 def _fresh_pool(**_: Any) -> None:
     # A forked child must not share the parent's database sockets.
-    db.reset_engine()
+    db.reset()

@@ -1,15 +1,17 @@
-"""Thin Celery tasks: decode, apply in one transaction, retry or dead-letter."""
+"""Thin Celery tasks: fetch the batch, apply it in one transaction, retry or dead-letter."""
 
 import logging
 import random
 
+import orjson
+import redis
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
 from schema.messages import APPLY_TASK, Op
 from worker.app import app
 from worker.apply import apply_ops, dead_letter
-from worker.db import unit_of_work
+from worker.db import batches, unit_of_work
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +23,19 @@ def backoff(retries: int) -> float:
 
 
 @app.task(name=APPLY_TASK, bind=True)
-def apply(self: Task, ops: list[Op]) -> None:  # type: ignore[type-arg]
+def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
     try:
-        apply_batch(ops)
-    except OperationalError as exc:
-        # The database is unreachable, or a deadlock or serialisation failure: all pass with time, so
-        # keep the message and try again later rather than give up on accepted results.
-        log.warning("apply failed, will retry: %s", type(exc.orig).__name__)
+        payload = batches().get(key)
+        if payload is None:
+            # The batch is deleted only after its transaction committed: this is a redelivery.
+            log.info("batch %s already applied", key)
+            return
+        apply_batch(orjson.loads(payload))
+        batches().delete(key)
+    except (OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
+        # The database or Redis is unreachable, or a deadlock or serialisation failure: all pass with
+        # time, so keep the message and try again later rather than give up on accepted results.
+        log.warning("batch %s failed, will retry: %s", key, type(exc).__name__)
         raise self.retry(exc=exc, countdown=backoff(self.request.retries), max_retries=None) from exc
 
 

@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,8 @@ def make_append(rng: random.Random, thread_no: int, append_no: int, tests: int,
     return orjson.dumps({"tests": items})
 
 
-async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace) -> dict[str, Any]:
+async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace,
+                before_poll: Callable[[], None]) -> dict[str, Any]:
     host, port = url.removeprefix("http://").split(":")
     rng = random.Random(42)
     stats = Stats()
@@ -164,6 +166,7 @@ async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace)
         await stats.call(conns[0], "run complete", "POST", f"/api/v1/automation/runs/{run_id}/complete",
                          b'{"measure_elapsed":true}')
     t_last_complete = time.perf_counter()
+    before_poll()
     accepted_seconds = t_last_complete - t0
 
     # Poll until every run is completed with exact counters (the list endpoint: runs without their threads).
@@ -251,6 +254,36 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def pids_named(name: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+def cpu_by_component(api: Service, worker: Service | None) -> dict[str, float]:
+    return {"shim": cpu_seconds(tree(api.proc.pid)),
+            "workers": cpu_seconds(tree(worker.proc.pid)) if worker else 0.0,
+            "postgres": cpu_seconds(pids_named("postgres")), "redis": cpu_seconds(pids_named("redis-server")),
+            "load generator": cpu_seconds([os.getpid()])}
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -273,6 +306,8 @@ def main() -> None:
     parser.add_argument("--api-workers", type=int, default=1)
     parser.add_argument("--worker-concurrency", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--worker-after", action="store_true",
+                        help="start the workers only once every request is accepted: shim and drain apart")
     parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "bench")
     args = parser.parse_args()
 
@@ -293,15 +328,26 @@ def main() -> None:
     env = dict(os.environ) | {"INGEST_DATABASE_URL": BENCH_DATABASE_URL, "INGEST_REDIS_URL": BENCH_REDIS_URL,
                               "INGEST_LOG_LEVEL": "WARNING"}
     api, api_url = start_api(env, args.logs / "api.log", extra_args=["--workers", str(args.api_workers)])
-    worker: Service = start_worker(env, args.logs / "worker.log", concurrency=args.worker_concurrency)
-    print(f"pids api={api.proc.pid} worker={worker.proc.pid}", file=sys.stderr, flush=True)
+    workers: list[Service] = []
+
+    def start_workers() -> None:
+        if not workers:
+            workers.append(start_worker(env, args.logs / "worker.log", concurrency=args.worker_concurrency))
+            print(f"pids api={api.proc.pid} worker={workers[0].proc.pid}", file=sys.stderr, flush=True)
+
+    if not args.worker_after:
+        start_workers()
     try:
-        result = asyncio.run(fleet(api_url, token, project_id, args))
+        cpu_before = cpu_by_component(api, workers[0] if workers else None)
+        result = asyncio.run(fleet(api_url, token, project_id, args, start_workers))
+        worker = workers[0]
+        cpu = {k: v - cpu_before[k] for k, v in cpu_by_component(api, worker).items()}
         rss = {"shim": [peak_rss_mb(p) for p in tree(api.proc.pid)[1:] or [api.proc.pid]],
                "worker": [peak_rss_mb(p) for p in tree(worker.proc.pid)[1:]]}
     finally:
         api.stop()
-        worker.stop()
+        for w in workers:
+            w.stop()
     stored = stored_counts(BENCH_DATABASE_URL)
     for run_id, want in result["expected"].items():
         if stored.get(run_id) != dict(want):
@@ -326,8 +372,11 @@ def main() -> None:
           f"{result['e2e_seconds']:.1f} s)")
     print(f"raw COPY rows/s:         {copy_rate:>10,.0f}")
     print(f"ratio end-to-end / COPY: {e2e_rate / copy_rate:>10.2f}")
-    print(f"lag, last complete to exact final counters: {result['lag']:.2f} s")
+    print(f"lag, last complete to exact final counters: {result['lag']:.2f} s"
+          + (" (includes starting the workers)" if args.worker_after else ""))
     print(f"peak RSS MB: shim {[round(x) for x in rss['shim']]}, worker processes {[round(x) for x in rss['worker']]}")
+    print("CPU seconds during the fleet: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+          + f" (wall {result['e2e_seconds']:.1f} s, {os.cpu_count()} cores)")
     print(f"every counter matched: {'yes' if not result['mismatched'] else 'NO ' + str(result['mismatched'])}")
 
 

@@ -18,17 +18,11 @@ def batch_key(name: str) -> str:
 JsonObject = dict[str, Any]
 
 
-class ResultJob(TypedDict):
-    key: str
-    name: str
-    status: int  # a status id: the shim has already mapped the client's string
-    folder: NotRequired[str]
-    elapsed: NotRequired[int]
-    file: NotRequired[str]
-    line: NotRequired[int]
-    assertions: NotRequired[int]
-    fields: NotRequired[list[JsonObject]]
-    artifacts: NotRequired[list[JsonObject]]
+# A result travels as a row in this order, ready for COPY once the worker puts the run and thread ids before
+# it and the accept time after it; `fields` and `artifacts` are JSON text (or null).
+RESULT_FIELDS = ("status_id", "key", "name", "folder", "elapsed", "file", "line", "assertions", "fields",
+                 "artifacts")
+ResultRow = list[Any]
 
 
 class OpBase(TypedDict):
@@ -59,7 +53,10 @@ class ThreadAppendOp(OpBase):
     elapsed_computed: NotRequired[int]
     fields: NotRequired[list[JsonObject]]
     artifacts: NotRequired[list[JsonObject]]
-    tests: NotRequired[list[ResultJob]]
+    results: NotRequired[list[ResultRow]]
+    # How many of the results have each status: [status id, count] pairs; and the sum of their elapsed.
+    counts: NotRequired[list[list[int]]]
+    results_elapsed: NotRequired[int]
 
 
 class ThreadCompleteOp(OpBase):

@@ -9,6 +9,7 @@ declaratively, a field value's limit by field type and the status table, are che
 
 from typing import Annotated, Any, NotRequired
 
+import orjson
 from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, with_config
 from typing_extensions import TypedDict
 
@@ -154,26 +155,45 @@ def validate(body_type: type, raw: bytes) -> dict[str, Any]:
     """Validate a JSON body; raises pydantic's ValidationError or BodyError."""
     data: dict[str, Any] = ADAPTERS[body_type].validate_json(raw)
     errors: dict[str, list[str]] = {}
-    for name in ("fields",):
-        _check_field_values(data.get(name), name, errors)
-    for i, test in enumerate(data.get("tests", ())):
-        _check_field_values(test.get("fields"), f"tests.{i}.fields", errors)
+    _check_field_values(data.get("fields"), "fields", errors)
     if errors:
         raise BodyError(errors)
     return data
 
 
 def finish_thread_append(data: dict[str, Any], statuses: dict[str, int]) -> None:
-    """Map each test's status string to its status id, in place."""
+    """Turn a validated append's `tests` into `results` rows (schema.messages.RESULT_FIELDS), in place.
+
+    One pass over the tests maps each status string to its status id, checks field values, and counts the
+    results by status, so that the worker only has to hand the rows to COPY.
+    """
     errors: dict[str, list[str]] = {}
-    for i, test in enumerate(data.get("tests", ())):
+    rows = []
+    counts: dict[int, int] = {}
+    elapsed_sum = None
+    for i, test in enumerate(data.pop("tests", ())):
         status_id = statuses.get(test["status"].lower())
         if status_id is None:
             errors[f"tests.{i}.status"] = ["unknown status; accepted: " + ", ".join(sorted(statuses))]
-        else:
-            test["status"] = status_id
+            continue
+        counts[status_id] = counts.get(status_id, 0) + 1
+        elapsed = test.get("elapsed")
+        if elapsed is not None:
+            elapsed_sum = (elapsed_sum or 0) + elapsed
+        fields = test.get("fields")
+        if fields:
+            _check_field_values(fields, f"tests.{i}.fields", errors)
+        artifacts = test.get("artifacts")
+        rows.append([status_id, test["key"], test["name"], test.get("folder"), elapsed, test.get("file"),
+                     test.get("line"), test.get("assertions"), orjson.dumps(fields).decode() if fields else None,
+                     orjson.dumps(artifacts).decode() if artifacts else None])
     if errors:
         raise BodyError(errors)
+    if rows:
+        data["results"] = rows
+        data["counts"] = sorted([status_id, n] for status_id, n in counts.items())
+    if elapsed_sum is not None:
+        data["results_elapsed"] = elapsed_sum
 
 
 def _check_field_values(fields: list[CustomField] | None, path: str, errors: dict[str, list[str]]) -> None:

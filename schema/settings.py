@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = 2
     # Messages a worker child reserves ahead of the one it applies.
     worker_prefetch: int = 4
+    # Scheduling niceness added to worker processes: where the shim shares the machine, accepting requests
+    # takes precedence over applying them (the queue absorbs the difference).
+    worker_nice: int = 10
     log_level: str = "INFO"
 
 

@@ -12,7 +12,8 @@ from sqlalchemy import Engine, text
 from support import unique
 
 from schema.messages import Op
-from schema.statuses import COUNT_COLUMNS
+from schema.requests import finish_thread_append
+from schema.statuses import COUNT_COLUMNS, DEFAULT_STATUSES, alias_map
 from worker.apply import Outcome, apply_ops
 
 
@@ -44,8 +45,15 @@ class Seed:
                 **fields}
 
     def append(self, thread: int, statuses: list[int], **fields: Any) -> Any:
-        tests = [{"key": f"k{i}", "name": f"test {i}", "status": s, "elapsed": 10} for i, s in enumerate(statuses)]
-        return self.op("thread.append", thread_id=self.threads[thread], tests=tests, **fields)
+        tests = [{"key": f"k{i}", "name": f"test {i}", "status": STATUS_NAMES[s], "elapsed": 10}
+                 for i, s in enumerate(statuses)]
+        return self.append_tests(thread, tests, **fields)
+
+    def append_tests(self, thread: int, tests: list[dict[str, Any]], **fields: Any) -> Any:
+        """A thread append as the shim enqueues it (`finish_thread_append` turns tests into result rows)."""
+        body: dict[str, Any] = {"tests": tests}
+        finish_thread_append(body, alias_map(DEFAULT_STATUSES))
+        return self.op("thread.append", thread_id=self.threads[thread], **body, **fields)
 
     def complete_thread(self, thread: int, expected: int, **fields: Any) -> Any:
         return self.op("thread.complete", thread_id=self.threads[thread], expected=expected, **fields)
@@ -74,6 +82,7 @@ def counts(row: dict[str, Any]) -> dict[int, int]:
 
 
 PASSED, FAILED, RETEST, SKIPPED = 2, 3, 4, 6
+STATUS_NAMES = {PASSED: "passed", FAILED: "failed", RETEST: "retest", SKIPPED: "skipped"}
 
 
 def test_a_redelivered_operation_changes_nothing(engine: Engine) -> None:
@@ -167,7 +176,7 @@ def test_appends_after_completion_are_dead_lettered_not_counted(engine: Engine) 
                               {"id": late["id"]}).one()
         claimed = conn.execute(text("SELECT count(*) FROM applied_ops WHERE id = :id"), {"id": late["id"]})
         assert claimed.scalar_one() == 0  # released, so that a replay can apply it
-    assert letter.kind == "thread.append" and letter.payload["tests"][0]["status"] == FAILED
+    assert letter.kind == "thread.append" and letter.payload["results"][0][0] == FAILED
 
 
 def test_a_completed_run_never_moves(engine: Engine) -> None:
@@ -193,11 +202,11 @@ def test_run_appends_add_fields_links_and_artifacts(engine: Engine) -> None:
 
 def test_results_keep_their_details(engine: Engine) -> None:
     seed = Seed(engine, threads=1)
-    test = {"key": "abc", "name": "It works", "folder": "Suite A", "status": FAILED, "elapsed": 1234,
+    test = {"key": "abc", "name": "It works", "folder": "Suite A", "status": "failed", "elapsed": 1234,
             "file": "a_test.py", "line": 7, "assertions": 3,
             "fields": [{"type": 4, "name": "Error", "value": "boom", "meta": {"type": "E"}, "is_highlight": True}],
             "artifacts": [{"name": "shot.png", "url": "https://x/shot.png", "mime_type": "image/png", "size": 9}]}
-    seed.apply(seed.op("thread.append", thread_id=seed.threads[0], tests=[test]))
+    seed.apply(seed.append_tests(0, [test]))
     with engine.connect() as conn:
         row = conn.execute(text("SELECT * FROM automation_results WHERE run_id = :r"), {"r": seed.run}).mappings().one()
     assert {k: row[k] for k in test if k != "status"} == {k: v for k, v in test.items() if k != "status"}
@@ -213,8 +222,8 @@ def test_parallel_workers_with_duplicates_neither_deadlock_nor_miscount(engine: 
                for _ in range(120)]
     expected: dict[int, int] = {}
     for op in appends:
-        for test in op["tests"]:
-            expected[test["status"]] = expected.get(test["status"], 0) + 1
+        for row in op["results"]:
+            expected[row[0]] = expected.get(row[0], 0) + 1
     deliveries = appends * 2
     rng.shuffle(deliveries)
     batches = [deliveries[i:i + 8] for i in range(0, len(deliveries), 8)]

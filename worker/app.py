@@ -1,10 +1,12 @@
 """The Celery application. Task options live here, in one place, not on the task decorators."""
 
+import logging
+import os
 from typing import Any
 
 import orjson
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import after_setup_logger, worker_process_init
 from kombu.serialization import register
 
 from schema.settings import get_settings
@@ -36,7 +38,17 @@ app.conf.update(
 )
 
 
+@after_setup_logger.connect
+def _quiet_task_lines(**_: Any) -> None:
+    # A line per message received and per message applied is noise at thousands of messages a minute;
+    # failures and retries are still logged.
+    for name in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+
+
 @worker_process_init.connect
 def _fresh_pool(**_: Any) -> None:
+    # On a machine shared with the shim, accepting requests must not wait behind applying them.
+    os.nice(settings.worker_nice)
     # A forked child must not share the parent's database sockets.
     db.reset()

@@ -20,15 +20,14 @@ from typing import Any, cast
 import orjson
 from sqlalchemy import Connection
 
-from schema.messages import JsonObject, Op, ThreadAppendOp, ThreadCompleteOp
+from schema.messages import RESULT_FIELDS, JsonObject, Op, ThreadAppendOp, ThreadCompleteOp
 from schema.statuses import COUNT_COLUMNS, RUN_STATUS_FAILED, RUN_STATUS_PASSED
 
 N_STATUSES = len(COUNT_COLUMNS)
 _COUNTS = ", ".join(COUNT_COLUMNS)
 _SET_COUNTS = ", ".join(f"{c} = %s" for c in COUNT_COLUMNS)
 
-RESULT_COLUMNS = ("run_id", "thread_id", "status_id", "key", "name", "folder", "elapsed", "file", "line",
-                  "assertions", "fields", "artifacts", "created_at")
+RESULT_COLUMNS = ("run_id", "thread_id", *RESULT_FIELDS, "created_at")
 COPY_RESULTS = f"COPY automation_results ({', '.join(RESULT_COLUMNS)}) FROM STDIN"
 
 
@@ -157,28 +156,14 @@ def _thread_append(thread: ThreadState | None, op: ThreadAppendOp, rows: list[tu
         return "unknown thread"
     if thread.is_completed:
         return "thread already completed"
-    at = op["at"]
-    elapsed_sum = 0
-    has_elapsed = False
-    for test in op.get("tests", ()):
-        status = test["status"]
-        thread.counts[status - 1] += 1
-        thread.delta[status - 1] += 1
-        elapsed = test.get("elapsed")
-        if elapsed is not None:
-            elapsed_sum += elapsed
-            has_elapsed = True
-        fields = test.get("fields")
-        artifacts = test.get("artifacts")
-        rows.append((
-            thread.run_id, thread.id, status, test["key"], test["name"], test.get("folder"), elapsed,
-            test.get("file"), test.get("line"), test.get("assertions"),
-            orjson.dumps(fields).decode() if fields else None,
-            orjson.dumps(artifacts).decode() if artifacts else None,
-            at,
-        ))
-    if has_elapsed:
-        thread.results_elapsed = (thread.results_elapsed or 0) + elapsed_sum
+    run_id, thread_id, at = thread.run_id, thread.id, op["at"]
+    rows.extend((run_id, thread_id, *row, at) for row in op.get("results", ()))
+    for status_id, n in op.get("counts", ()):
+        thread.counts[status_id - 1] += n
+        thread.delta[status_id - 1] += n
+    elapsed = op.get("results_elapsed")
+    if elapsed is not None:
+        thread.results_elapsed = (thread.results_elapsed or 0) + elapsed
     _add_elapsed(thread, op)
     thread.new_fields.extend(op.get("fields", ()))
     thread.new_artifacts.extend(op.get("artifacts", ()))

@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 import psycopg
 import redis
+import uvloop
 from sqlalchemy import create_engine, make_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,17 +213,24 @@ def raw_copy_rate(database_url: str, rows: int) -> float:
     data = ("\n".join(lines) + "\n").encode()
     url = make_url(database_url).set(drivername="postgresql")
     with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS bench_copy")
-        conn.execute("CREATE TABLE bench_copy (LIKE automation_results INCLUDING ALL)")
-        start = time.perf_counter()
-        with conn.transaction(), conn.cursor() as cur, cur.copy(
-                "COPY bench_copy (run_id, thread_id, status_id, key, name, folder, elapsed, file, line, assertions, "
-                "fields, artifacts, created_at) FROM STDIN") as copy:
-            for i in range(0, len(data), 1 << 20):
-                copy.write(data[i:i + (1 << 20)])
-        seconds = time.perf_counter() - start
-        conn.execute("DROP TABLE bench_copy")
-    return rows / seconds
+        # The fleet has just written as much: let the checkpoint and autovacuum it set off finish first, and
+        # keep the better of two tries, so that the ratio is never flattered by a slow COPY.
+        conn.execute("VACUUM ANALYZE automation_results")
+        conn.execute("CHECKPOINT")
+        best = float("inf")
+        for _ in range(2):
+            conn.execute("DROP TABLE IF EXISTS bench_copy")
+            conn.execute("CREATE TABLE bench_copy (LIKE automation_results INCLUDING ALL)")
+            start = time.perf_counter()
+            with conn.transaction(), conn.cursor() as cur, cur.copy(
+                    "COPY bench_copy (run_id, thread_id, status_id, key, name, folder, elapsed, file, line, "
+                    "assertions, fields, artifacts, created_at) FROM STDIN") as copy:
+                for i in range(0, len(data), 1 << 20):
+                    copy.write(data[i:i + (1 << 20)])
+            best = min(best, time.perf_counter() - start)
+            conn.execute("DROP TABLE bench_copy")
+            conn.execute("CHECKPOINT")
+    return rows / best
 
 
 def stored_counts(database_url: str) -> dict[int, dict[int, int]]:
@@ -339,7 +347,7 @@ def main() -> None:
         start_workers()
     try:
         cpu_before = cpu_by_component(api, workers[0] if workers else None)
-        result = asyncio.run(fleet(api_url, token, project_id, args, start_workers))
+        result = uvloop.run(fleet(api_url, token, project_id, args, start_workers))
         worker = workers[0]
         cpu = {k: v - cpu_before[k] for k, v in cpu_by_component(api, worker).items()}
         rss = {"shim": [peak_rss_mb(p) for p in tree(api.proc.pid)[1:] or [api.proc.pid]],

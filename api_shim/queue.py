@@ -42,30 +42,57 @@ local high_water = tonumber(ARGV[4])
 if high_water > 0 and redis.call('LLEN', KEYS[1]) >= high_water then return 'busy' end
 """
 
-# KEYS: queue, batch, then a (run, thread) pair per append. ARGV: message, payload, open ttl, high water.
-# Enqueues only if every thread and run is open; otherwise returns each append's verdict.
-_APPEND = _BUSY + """
-local n = (#KEYS - 2) / 2
-local verdicts, blocked = {}, false
+# A batch of thread operations: appends ('a') and completes ('c'), in the order they were accepted.
+# KEYS: queue, batch, then a (run, thread) pair per operation.
+# ARGV: message, open ttl, closed ttl, high water, kinds ("aac..."), then the payload in pieces: the
+#       number of appends each complete found accepted before it goes between consecutive pieces.
+# Enqueues the batch only if every operation may go; otherwise enqueues nothing and returns a verdict
+# per operation: 'ok' (may go), 'missing' (Redis lost the state), 'closed' (an append to a completed thread
+# or run), 'done' (a complete of a completed thread or run), 'busy' (an append while the queue is full).
+_THREADS = """
+local kinds = ARGV[5]
+local n = #kinds
+local busy = false
+if string.find(kinds, 'a', 1, true) then
+  local high_water = tonumber(ARGV[4])
+  busy = high_water > 0 and redis.call('LLEN', KEYS[1]) >= high_water
+end
+local verdicts, blocked, closing = {}, false, {}
 for i = 1, n do
-  local run_closed = redis.call('HGET', KEYS[2 * i + 1], 'closed')
-  local thread_closed = redis.call('HGET', KEYS[2 * i + 2], 'closed')
+  local run, thread = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local run_closed = redis.call('HGET', run, 'closed')
+  local thread_closed = redis.call('HGET', thread, 'closed')
   local verdict = 'ok'
   if not run_closed or not thread_closed then
-    verdict, blocked = 'missing', true
-  elseif run_closed == '1' or thread_closed == '1' then
-    verdict, blocked = 'closed', true
+    verdict = 'missing'
+  elseif run_closed == '1' or thread_closed == '1' or closing[thread] then
+    verdict = string.sub(kinds, i, i) == 'a' and 'closed' or 'done'
+  elseif string.sub(kinds, i, i) == 'a' then
+    if busy then verdict = 'busy' end
+  else
+    closing[thread] = true
   end
+  if verdict ~= 'ok' then blocked = true end
   verdicts[i] = verdict
 end
 if blocked then return verdicts end
+local payload, piece = {ARGV[6]}, 7
 for i = 1, n do
-  redis.call('HINCRBY', KEYS[2 * i + 1], 'ops', 1)
-  redis.call('HINCRBY', KEYS[2 * i + 2], 'appends', 1)
-  redis.call('EXPIRE', KEYS[2 * i + 1], ARGV[3])
-  redis.call('EXPIRE', KEYS[2 * i + 2], ARGV[3])
+  local run, thread = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  redis.call('HINCRBY', run, 'ops', 1)
+  redis.call('EXPIRE', run, ARGV[2])
+  if string.sub(kinds, i, i) == 'a' then
+    redis.call('HINCRBY', thread, 'appends', 1)
+    redis.call('EXPIRE', thread, ARGV[2])
+  else
+    redis.call('HSET', thread, 'closed', '1')
+    redis.call('EXPIRE', thread, ARGV[3])
+    payload[#payload + 1] = redis.call('HGET', thread, 'appends')
+    payload[#payload + 1] = ARGV[piece]
+    piece = piece + 1
+  end
 end
-redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[2], table.concat(payload))
 redis.call('LPUSH', KEYS[1], ARGV[1])
 return 'ok'
 """
@@ -78,22 +105,6 @@ if closed == '1' then return 'closed' end
 redis.call('HINCRBY', KEYS[3], 'ops', 1)
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2])
-redis.call('LPUSH', KEYS[1], ARGV[1])
-return 'ok'
-"""
-
-# KEYS: queue, batch, run, thread. ARGV: message, payload before and after the count, closed ttl.
-# The complete records how many appends were accepted before it.
-_THREAD_COMPLETE = """
-local run_closed = redis.call('HGET', KEYS[3], 'closed')
-local thread_closed = redis.call('HGET', KEYS[4], 'closed')
-if not run_closed or not thread_closed then return 'missing' end
-if run_closed == '1' or thread_closed == '1' then return 'done' end
-redis.call('HSET', KEYS[4], 'closed', '1')
-redis.call('EXPIRE', KEYS[4], ARGV[4])
-redis.call('HINCRBY', KEYS[3], 'ops', 1)
-local expected = redis.call('HGET', KEYS[4], 'appends')
-redis.call('SET', KEYS[2], ARGV[2] .. expected .. ARGV[3])
 redis.call('LPUSH', KEYS[1], ARGV[1])
 return 'ok'
 """
@@ -132,10 +143,13 @@ return 1
 
 
 @dataclass(frozen=True)
-class QueuedAppend:
+class ThreadOp:
+    """A thread append or complete, serialised, waiting to be batched."""
+
+    kind: str  # "a" (append) or "c" (complete, whose `expected` holds EXPECTED_PLACEHOLDER)
     run_id: int
     thread_id: int
-    op: bytes  # the serialised operation
+    op: bytes
 
 
 def run_key(run_id: int) -> str:
@@ -178,9 +192,8 @@ class Queue:
         self.redis = redis
         self.queue = queue
         self.high_water = high_water
-        self._append = redis.register_script(_APPEND)
+        self._threads = redis.register_script(_THREADS)
         self._run_append = redis.register_script(_RUN_APPEND)
-        self._thread_complete = redis.register_script(_THREAD_COMPLETE)
         self._run_complete = redis.register_script(_RUN_COMPLETE)
         self._new_thread = redis.register_script(_NEW_THREAD)
         self._fill = redis.register_script(_FILL)
@@ -189,14 +202,28 @@ class Queue:
         key = batch_key(uuid.uuid4().hex)
         return key, celery_message(self.queue, key)
 
-    async def thread_appends(self, appends: list[QueuedAppend]) -> list[str] | str:
-        """Enqueue thread appends as one batch: 'ok', 'busy', or (nothing enqueued) a verdict per append."""
+    async def thread_ops(self, ops: list[ThreadOp]) -> list[str] | str:
+        """Enqueue thread appends and completes as one batch: 'ok', or (nothing enqueued) a verdict per op."""
         key, message = self._batch()
         keys = [self.queue, key]
-        for append in appends:
-            keys += [run_key(append.run_id), thread_key(append.thread_id)]
-        payload = b"[" + b",".join(append.op for append in appends) + b"]"
-        verdict = await self._append(keys=keys, args=[message, payload, OPEN_TTL_SECONDS, self.high_water])
+        for op in ops:
+            keys += [run_key(op.run_id), thread_key(op.thread_id)]
+        # The payload is the JSON list of the ops, cut where each complete's count goes. Only a complete's
+        # own bytes are searched for the placeholder: an append's user data could contain those digits.
+        pieces = []
+        current = b"["
+        for op in ops:
+            if op.kind == "c":
+                before, after = _split_at_placeholder(op.op)
+                pieces.append(current + before)
+                current = after
+            else:
+                current += op.op
+            current += b","
+        pieces.append(current[:-1] + b"]")
+        kinds = "".join(op.kind for op in ops)
+        args: list[Any] = [message, OPEN_TTL_SECONDS, CLOSED_TTL_SECONDS, self.high_water, kinds, *pieces]
+        verdict = await self._threads(keys=keys, args=args)
         if isinstance(verdict, bytes):
             return verdict.decode()
         return [v.decode() for v in verdict]
@@ -206,13 +233,6 @@ class Queue:
         keys = [self.queue, key, run_key(op["run_id"])]
         payload = orjson.dumps([op])
         verdict = await self._run_append(keys=keys, args=[message, payload, OPEN_TTL_SECONDS, self.high_water])
-        return str(verdict.decode())
-
-    async def thread_complete(self, op: Any) -> str:
-        key, message = self._batch()
-        keys = [self.queue, key, run_key(op["run_id"]), thread_key(op["thread_id"])]
-        before, after = _split_at_placeholder(orjson.dumps([op]))
-        verdict = await self._thread_complete(keys=keys, args=[message, before, after, CLOSED_TTL_SECONDS])
         return str(verdict.decode())
 
     async def run_complete(self, op: Any) -> str:

@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from api_shim.errors import ApiError, already_completed, invalid, not_found
 from api_shim.http import json_response, no_content, now_iso, parse, path_id, read_body, services
-from api_shim.queue import EXPECTED_PLACEHOLDER, QueuedAppend, run_key, thread_key
+from api_shim.queue import EXPECTED_PLACEHOLDER, ThreadOp, run_key, thread_key
 from api_shim.services import Services
 from api_shim.state import ThreadRef
 from schema.requests import (
@@ -96,7 +96,7 @@ async def thread_append(request: Request) -> Response:
     s, ref, user_id = await _thread_ref(request)
     body = parse(ThreadAppend, await read_body(request, s.settings.max_body_bytes), s.statuses.aliases)
     op = _new_op("thread.append", ref.run_id, user_id) | {"thread_id": ref.thread_id} | body
-    append = QueuedAppend(ref.run_id, ref.thread_id, orjson.dumps(op))
+    append = ThreadOp("a", ref.run_id, ref.thread_id, orjson.dumps(op))
     verdict = await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.batcher.submit(append))
     _check_accepted(s, verdict, "thread")
     return no_content()
@@ -107,8 +107,9 @@ async def thread_complete(request: Request) -> Response:
     body = parse(ThreadComplete, await read_body(request, s.settings.max_body_bytes))
     op = _new_op("thread.complete", ref.run_id, user_id) | {"thread_id": ref.thread_id}
     op |= _given(body) | {"expected": EXPECTED_PLACEHOLDER}
+    complete = ThreadOp("c", ref.run_id, ref.thread_id, orjson.dumps(op))
     # "done" (completed already, or its run is) is fine too: completing twice is safe for retries.
-    await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.queue.thread_complete(op))
+    await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.batcher.submit(complete))
     return no_content()
 
 

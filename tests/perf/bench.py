@@ -60,17 +60,12 @@ class Connection:
                 self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
             assert self.reader is not None
             try:
-                self.writer.write(f"{method} {path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n"
-                                  .encode() + body)
-                status_line = await self.reader.readline()
-                if not status_line:
-                    raise ConnectionResetError
-                status = int(status_line.split()[1])
-                length = 0
-                while (line := await self.reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.partition(b":")
-                    if name.lower() == b"content-length":
-                        length = int(value)
+                self.writer.writelines((f"{method} {path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n"
+                                        .encode(), body))
+                head = await self.reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                at = head.lower().find(b"content-length:")
+                length = int(head[at + 15:head.index(b"\r\n", at)]) if at >= 0 else 0
                 return status, await self.reader.readexactly(length) if length else b""
             except (ConnectionError, asyncio.IncompleteReadError):
                 self.writer.close()

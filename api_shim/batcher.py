@@ -1,70 +1,59 @@
-"""Group commit for thread appends and completes.
+"""Group commit.
 
-While one push to Redis is in flight, the operations that arrive meanwhile wait together and go in the next
-message. Under load a message carries many appends, so the workers apply them in one transaction; with a
-single client a message carries one, and nothing waits on a timer. Every request is still answered only once
-its append is in Redis.
+While one flush (a push to Redis, an insert into PostgreSQL) is in flight, the requests that arrive meanwhile
+wait together and go in the next flush. Under load a flush carries many items, so the downstream work is
+done once for all of them; with a single client a flush carries one, and nothing waits on a timer. Every
+request is answered only once its own item has been flushed.
 """
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
-from api_shim.queue import Queue, ThreadOp
-
-MAX_OPS = 200
-MAX_BYTES = 4 * 1024 * 1024
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-class AppendBatcher:
-    def __init__(self, queue: Queue, max_ops: int = MAX_OPS, max_bytes: int = MAX_BYTES) -> None:
-        self.queue = queue
-        self.max_ops = max_ops
+class GroupCommit(Generic[T, R]):
+    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]], max_items: int,
+                 max_bytes: int = 0, size: Callable[[T], int] = lambda _: 0) -> None:
+        """`flush` takes a batch and returns one result per item, in order."""
+        self.flush = flush
+        self.max_items = max_items
         self.max_bytes = max_bytes
-        self._pending: list[tuple[ThreadOp, asyncio.Future[str]]] = []
-        # Operations of a refused batch that may go: pushed next, on their own, so that a complete is never
-        # held back by appends arriving behind it while the queue is full.
-        self._retry: list[tuple[ThreadOp, asyncio.Future[str]]] = []
-        self._pushing = False
+        self.size = size
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, op: ThreadOp) -> str:
-        """Enqueue one operation; its verdict: 'ok', 'busy', 'closed', 'done' or 'missing' (see `queue.py`)."""
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future))
-        if not self._pushing:
-            self._pushing = True
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._task is None:
             # Keep a reference: the event loop holds tasks only weakly.
-            self._task = asyncio.create_task(self._push_all())
+            self._task = asyncio.create_task(self._flush_all())
         return await future
 
-    async def _push_all(self) -> None:
+    async def _flush_all(self) -> None:
         try:
-            while self._pending or self._retry:
-                batch, self._retry = (self._retry, []) if self._retry else (self._take(), [])
+            while self._pending:
+                batch = self._take()
                 try:
-                    verdict = await self.queue.thread_ops([op for op, _ in batch])
+                    results = await self.flush([item for item, _ in batch])
                 except Exception as exc:
                     for _, future in batch:
                         future.set_exception(exc)
                     continue
-                if isinstance(verdict, str):
-                    for _, future in batch:
-                        future.set_result(verdict)
-                    continue
-                # Nothing was enqueued: answer the operations that cannot go, and retry the rest first.
-                for (op, future), one in zip(batch, verdict, strict=True):
-                    if one == "ok":
-                        self._retry.append((op, future))
-                    else:
-                        future.set_result(one)
+                for (_, future), result in zip(batch, results, strict=True):
+                    future.set_result(result)
         finally:
-            self._pushing = False
+            self._task = None
 
-    def _take(self) -> list[tuple[ThreadOp, asyncio.Future[str]]]:
+    def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
         total = 0
         count = 0
-        for op, _ in self._pending:
-            size = len(op.op)
-            if count and (count >= self.max_ops or total + size > self.max_bytes):
+        for item, _ in self._pending:
+            size = self.size(item)
+            if count and (count >= self.max_items or (self.max_bytes and total + size > self.max_bytes)):
                 break
             total += size
             count += 1

@@ -7,8 +7,7 @@ them). Lua scripts do both, so that checking a thread is still open, counting th
 are one atomic step: no append can slip in between a complete and the count the complete records.
 
 Per run and per thread a Redis hash keeps the state the hot path needs:
-  run:    project, closed ("0"/"1"), ops (operations accepted on the run, its threads' included),
-          threads (threads created, which numbers them)
+  run:    project, closed ("0"/"1"), ops (operations accepted on the run, its threads' included)
   thread: run, project, closed, appends (appends accepted)
 A missing hash is rebuilt from PostgreSQL (see `state.py`); keys of open objects are refreshed on every
 use, so a key only expires once nothing can be in flight for it.
@@ -22,6 +21,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from schema.messages import APPLY_TASK, batch_key
 
@@ -123,15 +123,6 @@ redis.call('LPUSH', KEYS[1], ARGV[1])
 return 'ok'
 """
 
-# KEYS: run. ARGV: open ttl. The index of a new thread in the run, unless the run is closed or missing.
-_NEW_THREAD = """
-local closed = redis.call('HGET', KEYS[1], 'closed')
-if not closed then return 'missing' end
-if closed == '1' then return 'closed' end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return redis.call('HINCRBY', KEYS[1], 'threads', 1)
-"""
-
 # KEYS: key. ARGV: ttl, then field/value pairs. Creates the hash only if it is missing, so a rebuild
 # from the database never overwrites counts that the scripts above are keeping.
 _FILL = """
@@ -195,7 +186,6 @@ class Queue:
         self._threads = redis.register_script(_THREADS)
         self._run_append = redis.register_script(_RUN_APPEND)
         self._run_complete = redis.register_script(_RUN_COMPLETE)
-        self._new_thread = redis.register_script(_NEW_THREAD)
         self._fill = redis.register_script(_FILL)
 
     def _batch(self) -> tuple[str, bytes]:
@@ -242,13 +232,29 @@ class Queue:
         verdict = await self._run_complete(keys=keys, args=[message, before, after, CLOSED_TTL_SECONDS])
         return str(verdict.decode())
 
-    async def new_thread_index(self, run_id: int) -> int | str:
-        """The next thread index in the run, or 'closed' or 'missing'."""
-        verdict = await self._new_thread(keys=[run_key(run_id)], args=[OPEN_TTL_SECONDS])
-        return verdict.decode() if isinstance(verdict, bytes) else int(verdict)
-
-    async def fill(self, key: str, closed: bool, ttl: int = OPEN_TTL_SECONDS, **fields: int) -> None:
-        args: list[Any] = [CLOSED_TTL_SECONDS if closed else ttl, "closed", "1" if closed else "0"]
+    async def fill(self, key: str, closed: bool, client: Pipeline | None = None, **fields: int) -> None:
+        """Create a run's or thread's state hash, unless it exists (then its counts are the truth)."""
+        args: list[Any] = [CLOSED_TTL_SECONDS if closed else OPEN_TTL_SECONDS, "closed", "1" if closed else "0"]
         for name, value in fields.items():
             args += [name, value]
-        await self._fill(keys=[key], args=args)
+        await self._fill(keys=[key], args=args, client=client)
+
+    async def thread_ops_with_retry(self, ops: list[ThreadOp]) -> list[str]:
+        """A verdict per op. Ops of a refused batch that may go are pushed again at once, on their own: a
+        complete is never held back by appends that arrived behind it while the queue was full."""
+        verdicts = [""] * len(ops)
+        todo = list(range(len(ops)))
+        while todo:
+            verdict = await self.thread_ops([ops[i] for i in todo])
+            if isinstance(verdict, str):
+                for i in todo:
+                    verdicts[i] = verdict
+                break
+            retry = []
+            for i, one in zip(todo, verdict, strict=True):
+                if one == "ok":
+                    retry.append(i)
+                else:
+                    verdicts[i] = one
+            todo = retry
+        return verdicts

@@ -34,8 +34,9 @@ RUN_COLUMNS = (
     "  AS thread_completed_count"
 )
 THREAD_COLUMNS = (
-    "id, index, name, status, elapsed_observed, elapsed_computed, results_elapsed, is_completed, artifacts, "
-    f"fields, {_COUNTS}, created_at, created_by, completed_at, completed_by"
+    # Threads are numbered in the order they were created, which is the order of their ids.
+    "id, row_number() OVER (ORDER BY id) AS index, name, status, elapsed_observed, elapsed_computed, "
+    f"results_elapsed, is_completed, artifacts, fields, {_COUNTS}, created_at, created_by, completed_at, completed_by"
 )
 
 
@@ -142,7 +143,7 @@ async def get_run(request: Request) -> Response:
         principal.authorize(run["project_id"])
         expands = parse_expands(request.query_params)
         threads = (await conn.execute(text(
-            f"SELECT {THREAD_COLUMNS} FROM automation_run_threads WHERE run_id = :id ORDER BY index"),
+            f"SELECT {THREAD_COLUMNS} FROM automation_run_threads WHERE run_id = :id ORDER BY id"),
             {"id": run_id})).mappings().all()
         statuses = s.statuses.statuses
         result = run_json(run, statuses) | {"threads": [thread_json(t, statuses) for t in threads]}

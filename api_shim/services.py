@@ -10,15 +10,21 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from api_shim.auth import Authenticator
-from api_shim.batcher import AppendBatcher
-from api_shim.queue import Queue
+from api_shim.batcher import GroupCommit
+from api_shim.queue import Queue, ThreadOp
 from api_shim.state import State
+from api_shim.threads import NewThread, create_threads
 from schema.settings import Settings
 from schema.statuses import DEFAULT_STATUSES, Status, alias_map
 
 log = logging.getLogger(__name__)
 
 STATUS_REFRESH_SECONDS = 30.0
+# How much one group commit carries at most: thread appends and completes in one message, threads created
+# in one insert.
+BATCH_OPS = 200
+BATCH_BYTES = 4 * 1024 * 1024
+BATCH_THREADS = 200
 
 
 @dataclass
@@ -46,7 +52,8 @@ class Services:
     state: State
     auth: Authenticator
     statuses: StatusTable
-    batcher: AppendBatcher
+    thread_ops: "GroupCommit[ThreadOp, str]"
+    thread_creates: "GroupCommit[NewThread, int | None]"
     _refresher: "asyncio.Task[None] | None" = None
 
     @classmethod
@@ -58,8 +65,15 @@ class Services:
         redis = Redis.from_url(settings.redis_url, max_connections=256, socket_timeout=5,
                                socket_connect_timeout=3)
         queue = Queue(redis, settings.queue, settings.queue_high_water)
-        return cls(settings, engine, redis, queue, State(engine, queue),
-                   Authenticator(redis, engine, settings.auth_cache_seconds), StatusTable(), AppendBatcher(queue))
+        state = State(engine, queue)
+        return cls(
+            settings, engine, redis, queue, state, Authenticator(redis, engine, settings.auth_cache_seconds),
+            StatusTable(),
+            thread_ops=GroupCommit(queue.thread_ops_with_retry, max_items=BATCH_OPS, max_bytes=BATCH_BYTES,
+                                   size=lambda op: len(op.op)),
+            thread_creates=GroupCommit(lambda batch: create_threads(engine, queue, state, batch),
+                                       max_items=BATCH_THREADS),
+        )
 
     async def start(self) -> None:
         try:

@@ -70,12 +70,11 @@ class State:
         """Refill the run's Redis state from the database; its project, or None if there is no such run."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(text(
-                "SELECT project_id, is_completed OR ops_expected IS NOT NULL, ops_applied, "
-                "  (SELECT coalesce(max(index), 0) FROM automation_run_threads WHERE run_id = :id) "
+                "SELECT project_id, is_completed OR ops_expected IS NOT NULL, ops_applied "
                 "FROM automation_runs WHERE id = :id"), {"id": run_id})).first()
         if row is None:
             return None
-        await self.queue.fill(run_key(run_id), closed=row[1], project=row[0], ops=row[2], threads=row[3])
+        await self.queue.fill(run_key(run_id), closed=row[1], project=row[0], ops=row[2])
         return int(row[0])
 
     async def rebuild_thread(self, thread_id: int) -> ThreadRef | None:

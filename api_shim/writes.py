@@ -17,9 +17,10 @@ from starlette.responses import Response
 
 from api_shim.errors import ApiError, already_completed, invalid, not_found
 from api_shim.http import json_response, no_content, now_iso, parse, path_id, read_body, services
-from api_shim.queue import EXPECTED_PLACEHOLDER, ThreadOp, run_key, thread_key
+from api_shim.queue import EXPECTED_PLACEHOLDER, ThreadOp, run_key
 from api_shim.services import Services
 from api_shim.state import ThreadRef
+from api_shim.threads import NewThread
 from schema.requests import (
     RunAppend,
     RunComplete,
@@ -97,7 +98,7 @@ async def thread_append(request: Request) -> Response:
     body = parse(ThreadAppend, await read_body(request, s.settings.max_body_bytes), s.statuses.aliases)
     op = _new_op("thread.append", ref.run_id, user_id) | {"thread_id": ref.thread_id} | body
     append = ThreadOp("a", ref.run_id, ref.thread_id, orjson.dumps(op))
-    verdict = await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.batcher.submit(append))
+    verdict = await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.thread_ops.submit(append))
     _check_accepted(s, verdict, "thread")
     return no_content()
 
@@ -109,7 +110,7 @@ async def thread_complete(request: Request) -> Response:
     op |= _given(body) | {"expected": EXPECTED_PLACEHOLDER}
     complete = ThreadOp("c", ref.run_id, ref.thread_id, orjson.dumps(op))
     # "done" (completed already, or its run is) is fine too: completing twice is safe for retries.
-    await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.batcher.submit(complete))
+    await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.thread_ops.submit(complete))
     return no_content()
 
 
@@ -161,7 +162,7 @@ async def create_run(request: Request) -> Response:
             {"project": project_id, "source": source_id, "name": body["name"], "config": config_id,
              "milestone": milestone_id, "tags": body.get("tags", []), "user": principal.user_id,
              **_json_columns(body, "artifacts", "fields", "links")})).scalar_one()
-    await s.queue.fill(run_key(run_id), closed=False, project=project_id, ops=0, threads=0)
+    await s.queue.fill(run_key(run_id), closed=False, project=project_id, ops=0)
     s.state.remember_run(run_id, project_id)
     return json_response({"id": run_id}, 201)
 
@@ -169,32 +170,11 @@ async def create_run(request: Request) -> Response:
 async def create_thread(request: Request) -> Response:
     s, run_id, user_id = await _run_ref(request)
     body = parse(ThreadCreate, await read_body(request, s.settings.max_body_bytes))
-    index = await s.queue.new_thread_index(run_id)
-    if index == "missing":
-        await s.state.rebuild_run(run_id)
-        index = await s.queue.new_thread_index(run_id)
-    if not isinstance(index, int):
+    thread_id = await s.thread_creates.submit(NewThread(
+        run_id, user_id, body.get("name"), body.get("elapsed_observed"), body.get("elapsed_computed"),
+        **_json_columns(body, "artifacts", "fields")))
+    if thread_id is None:
         raise already_completed("run")
-    async with s.engine.begin() as conn:
-        # KEY SHARE on the run lets appends' workers update it meanwhile, but makes this insert wait for a
-        # worker finalising the run (which takes FOR UPDATE) and then re-check: a thread is either created
-        # before the run is finalised (and completed with it) or refused.
-        thread = (await conn.execute(text(
-            "INSERT INTO automation_run_threads (run_id, project_id, index, name, elapsed_observed, "
-            "  elapsed_computed, artifacts, fields, created_by) "
-            "SELECT r.id, r.project_id, :index, :name, :observed, :computed, "
-            "  cast(:artifacts AS jsonb), cast(:fields AS jsonb), :user "
-            "FROM automation_runs r WHERE r.id = :run AND NOT r.is_completed AND r.ops_expected IS NULL "
-            "FOR KEY SHARE "
-            "RETURNING id, project_id"),
-            {"run": run_id, "index": index, "name": body.get("name"), "observed": body.get("elapsed_observed"),
-             "computed": body.get("elapsed_computed"), "user": user_id,
-             **_json_columns(body, "artifacts", "fields")})).first()
-    if thread is None:
-        raise already_completed("run")
-    thread_id, project_id = thread
-    await s.queue.fill(thread_key(thread_id), closed=False, run=run_id, project=project_id, appends=0)
-    s.state.remember_thread(ThreadRef(thread_id, run_id, project_id))
     return json_response({"id": thread_id}, 201)
 
 

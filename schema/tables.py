@@ -144,7 +144,6 @@ automation_run_threads = Table(
     _id(),
     Column("run_id", BigInteger, ForeignKey("automation_runs.id"), nullable=False, index=True),
     Column("project_id", BigInteger, nullable=False),
-    Column("index", Integer, nullable=False),
     Column("name", Text),
     Column("status", SmallInteger, nullable=False, server_default=text("4")),
     Column("is_completed", Boolean, nullable=False, server_default=text("false")),

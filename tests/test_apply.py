@@ -34,10 +34,10 @@ class Seed:
                 "VALUES (:p, :s, 'run', :u, coalesce(:at, now())) RETURNING id"),
                 {"p": self.project, "s": source, "u": self.user, "at": created_at}).scalar_one()
             self.threads = [conn.execute(text(
-                "INSERT INTO automation_run_threads (run_id, project_id, index, created_by) "
-                "VALUES (:r, :p, :i, :u) RETURNING id"),
-                {"r": self.run, "p": self.project, "i": i + 1, "u": self.user}).scalar_one()
-                for i in range(threads)]
+                "INSERT INTO automation_run_threads (run_id, project_id, created_by) "
+                "VALUES (:r, :p, :u) RETURNING id"),
+                {"r": self.run, "p": self.project, "u": self.user}).scalar_one()
+                for _ in range(threads)]
 
     def op(self, kind: str, at: datetime | None = None, **fields: Any) -> Any:
         moment = (at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

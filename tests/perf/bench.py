@@ -356,7 +356,7 @@ def main() -> None:
         if stored.get(run_id) != dict(want):
             result["mismatched"][run_id] = ("stored results", dict(want), stored.get(run_id))
     print("measuring raw COPY ...", file=sys.stderr)
-    copy_rate = raw_copy_rate(BENCH_DATABASE_URL, result["total"])
+    copy_rate = raw_copy_rate(BENCH_DATABASE_URL, result["total"]) if result["total"] else float("nan")
 
     stats: Stats = result["stats"]
     total = result["total"]

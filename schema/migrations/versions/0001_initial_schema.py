@@ -187,7 +187,6 @@ def upgrade() -> None:
     sa.Column('id', sa.BigInteger(), sa.Identity(always=False), nullable=False),
     sa.Column('run_id', sa.BigInteger(), nullable=False),
     sa.Column('project_id', sa.BigInteger(), nullable=False),
-    sa.Column('index', sa.Integer(), nullable=False),
     sa.Column('name', sa.Text(), nullable=True),
     sa.Column('status', sa.SmallInteger(), server_default=sa.text('4'), nullable=False),
     sa.Column('is_completed', sa.Boolean(), server_default=sa.text('false'), nullable=False),

@@ -4,6 +4,7 @@ Tokens are stored only as SHA-256 hashes. Lookups go by hash, so the secret is n
 byte; the final check uses a constant-time comparison anyway.
 """
 
+import asyncio
 import hmac
 import time
 from dataclasses import dataclass
@@ -63,19 +64,32 @@ class Authenticator:
         self.engine = engine
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, Principal | None]] = {}
+        # Lookups under way: when a cached token expires, the hundreds of requests in flight with it wait
+        # for one lookup instead of each opening a Redis connection of its own.
+        self._lookups: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def authenticate(self, header: str | None) -> Principal:
         hashed = token_hash(bearer_token(header))
-        now = time.monotonic()
         hit = self._cache.get(hashed)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > time.monotonic():
             principal = hit[1]
+        elif hashed in self._lookups:
+            principal = await asyncio.shield(self._lookups[hashed])
         else:
-            principal = await self._lookup(hashed)
+            future = self._lookups[hashed] = asyncio.get_running_loop().create_future()
+            try:
+                principal = await self._lookup(hashed)
+                future.set_result(principal)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # the waiters, if any, see it; no "never retrieved" warning otherwise
+                raise
+            finally:
+                del self._lookups[hashed]
             if len(self._cache) >= MAX_CACHED:
                 self._cache.clear()
             ttl = self.cache_seconds if principal else NEGATIVE_TTL_SECONDS
-            self._cache[hashed] = (now + ttl, principal)
+            self._cache[hashed] = (time.monotonic() + ttl, principal)
         if principal is None:
             raise unauthorized("Unknown or revoked token.")
         return principal

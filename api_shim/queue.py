@@ -201,16 +201,18 @@ class Queue:
         # The payload is the JSON list of the ops, cut where each complete's count goes. Only a complete's
         # own bytes are searched for the placeholder: an append's user data could contain those digits.
         pieces = []
-        current = b"["
+        current = [b"["]
         for op in ops:
             if op.kind == "c":
                 before, after = _split_at_placeholder(op.op)
-                pieces.append(current + before)
-                current = after
+                current.append(before)
+                pieces.append(b"".join(current))
+                current = [after]
             else:
-                current += op.op
-            current += b","
-        pieces.append(current[:-1] + b"]")
+                current.append(op.op)
+            current.append(b",")
+        current[-1] = b"]"
+        pieces.append(b"".join(current))
         kinds = "".join(op.kind for op in ops)
         args: list[Any] = [message, OPEN_TTL_SECONDS, CLOSED_TTL_SECONDS, self.high_water, kinds, *pieces]
         verdict = await self._threads(keys=keys, args=args)

@@ -23,7 +23,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from schema.messages import APPLY_TASK, batch_key
+from schema.messages import APPLY_TASK, batch_key, pending_key
 
 # Lua splices the count a complete records into its payload where this number stands.
 EXPECTED_PLACEHOLDER = -7_777_777_777
@@ -42,8 +42,11 @@ local high_water = tonumber(ARGV[4])
 if high_water > 0 and redis.call('LLEN', KEYS[1]) >= high_water then return 'busy' end
 """
 
+# Every script stores its batch, pushes the Celery message naming it, and notes the batch in the queue's
+# pending list, where a worker applying one batch finds others to apply in the same transaction.
+# KEYS: queue, pending list, batch. ARGV[1]: the message.
 # A batch of thread operations: appends ('a') and completes ('c'), in the order they were accepted.
-# KEYS: queue, batch, then a (run, thread) pair per operation.
+# KEYS: queue, pending list, batch, then a (run, thread) pair per operation.
 # ARGV: message, open ttl, closed ttl, high water, kinds ("aac..."), then the payload in pieces: the
 #       number of appends each complete found accepted before it goes between consecutive pieces.
 # Enqueues the batch only if every operation may go; otherwise enqueues nothing and returns a verdict
@@ -59,7 +62,7 @@ if string.find(kinds, 'a', 1, true) then
 end
 local verdicts, blocked, closing = {}, false, {}
 for i = 1, n do
-  local run, thread = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local run, thread = KEYS[2 * i + 2], KEYS[2 * i + 3]
   local run_closed = redis.call('HGET', run, 'closed')
   local thread_closed = redis.call('HGET', thread, 'closed')
   local verdict = 'ok'
@@ -78,7 +81,7 @@ end
 if blocked then return verdicts end
 local payload, piece = {ARGV[6]}, 7
 for i = 1, n do
-  local run, thread = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local run, thread = KEYS[2 * i + 2], KEYS[2 * i + 3]
   redis.call('HINCRBY', run, 'ops', 1)
   redis.call('EXPIRE', run, ARGV[2])
   if string.sub(kinds, i, i) == 'a' then
@@ -92,34 +95,37 @@ for i = 1, n do
     piece = piece + 1
   end
 end
-redis.call('SET', KEYS[2], table.concat(payload))
+redis.call('SET', KEYS[3], table.concat(payload))
 redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], KEYS[3])
 return 'ok'
 """
 
-# KEYS: queue, batch, run. ARGV: message, payload, open ttl, high water.
+# KEYS: queue, pending list, batch, run. ARGV: message, payload, open ttl, high water.
 _RUN_APPEND = _BUSY + """
-local closed = redis.call('HGET', KEYS[3], 'closed')
+local closed = redis.call('HGET', KEYS[4], 'closed')
 if not closed then return 'missing' end
 if closed == '1' then return 'closed' end
-redis.call('HINCRBY', KEYS[3], 'ops', 1)
-redis.call('EXPIRE', KEYS[3], ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[4], 'ops', 1)
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[2])
 redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], KEYS[3])
 return 'ok'
 """
 
-# KEYS: queue, batch, run. ARGV: message, payload before and after the count, closed ttl.
+# KEYS: queue, pending list, batch, run. ARGV: message, payload before and after the count, closed ttl.
 # The complete records how many operations on the run were accepted before it.
 _RUN_COMPLETE = """
-local closed = redis.call('HGET', KEYS[3], 'closed')
+local closed = redis.call('HGET', KEYS[4], 'closed')
 if not closed then return 'missing' end
 if closed == '1' then return 'done' end
-redis.call('HSET', KEYS[3], 'closed', '1')
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-local expected = redis.call('HGET', KEYS[3], 'ops')
-redis.call('SET', KEYS[2], ARGV[2] .. expected .. ARGV[3])
+redis.call('HSET', KEYS[4], 'closed', '1')
+redis.call('EXPIRE', KEYS[4], ARGV[4])
+local expected = redis.call('HGET', KEYS[4], 'ops')
+redis.call('SET', KEYS[3], ARGV[2] .. expected .. ARGV[3])
 redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], KEYS[3])
 return 'ok'
 """
 
@@ -182,6 +188,7 @@ class Queue:
     def __init__(self, redis: Redis, queue: str, high_water: int) -> None:
         self.redis = redis
         self.queue = queue
+        self.pending = pending_key(queue)
         self.high_water = high_water
         self._threads = redis.register_script(_THREADS)
         self._run_append = redis.register_script(_RUN_APPEND)
@@ -195,7 +202,7 @@ class Queue:
     async def thread_ops(self, ops: list[ThreadOp]) -> list[str] | str:
         """Enqueue thread appends and completes as one batch: 'ok', or (nothing enqueued) a verdict per op."""
         key, message = self._batch()
-        keys = [self.queue, key]
+        keys = [self.queue, self.pending, key]
         for op in ops:
             keys += [run_key(op.run_id), thread_key(op.thread_id)]
         # The payload is the JSON list of the ops, cut where each complete's count goes. Only a complete's
@@ -222,14 +229,14 @@ class Queue:
 
     async def run_append(self, op: Any) -> str:
         key, message = self._batch()
-        keys = [self.queue, key, run_key(op["run_id"])]
+        keys = [self.queue, self.pending, key, run_key(op["run_id"])]
         payload = orjson.dumps([op])
         verdict = await self._run_append(keys=keys, args=[message, payload, OPEN_TTL_SECONDS, self.high_water])
         return str(verdict.decode())
 
     async def run_complete(self, op: Any) -> str:
         key, message = self._batch()
-        keys = [self.queue, key, run_key(op["run_id"])]
+        keys = [self.queue, self.pending, key, run_key(op["run_id"])]
         before, after = _split_at_placeholder(orjson.dumps([op]))
         verdict = await self._run_complete(keys=keys, args=[message, before, after, CLOSED_TTL_SECONDS])
         return str(verdict.decode())

@@ -1,9 +1,13 @@
 """What the shim puts on the queue and the worker applies.
 
 The shim stores a batch of operations, a JSON list, under a Redis key (`batch_key`), and enqueues one Celery
-task, `ops.apply`, whose only argument is that key. Each operation has its own id, claimed by the worker in
-the same transaction as its effect, so a message delivered twice changes nothing. The shape is plain JSON
-(TypedDicts, not models) because the worker handles a million of these per minute.
+task, `ops.apply`, whose only argument is that key; it also notes the key in the queue's pending list, from
+which a worker applying one batch takes others to apply in the same transaction. A batch is deleted once its
+operations are committed, so a message whose batch is gone has nothing left to do.
+
+Each operation has its own id, claimed by the worker in the same transaction as its effect, so an operation
+delivered twice changes nothing. The shape is plain JSON (TypedDicts, not models) because the worker handles
+a million of these per minute.
 """
 
 from typing import Any, Literal, NotRequired, TypedDict
@@ -14,6 +18,11 @@ BATCH_KEY_PREFIX = "ingest:batch:"
 
 def batch_key(name: str) -> str:
     return BATCH_KEY_PREFIX + name
+
+
+def pending_key(queue: str) -> str:
+    """The list of batches enqueued on `queue`, oldest first: a worker applying one takes others from it."""
+    return f"ingest:pending:{queue}"
 
 JsonObject = dict[str, Any]
 

@@ -171,16 +171,26 @@ async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace,
                 b'{"fields":[],"artifacts":[],"elapsed_computed":1000}', 201))["id"]
             path = f"/api/v1/automation/runs/threads/{thread}"
             for body in bodies[job_no]:
+                if args.think_ms:
+                    await asyncio.sleep(rng.uniform(0.5, 1.5) * args.think_ms / 1000)
                 await stats.call(conn, "thread append", "POST", f"{path}/append", body)
             await stats.call(conn, "thread complete", "POST", f"{path}/complete", b"{}")
 
     print("fleet starting", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    delayed = None
+    if args.worker_delay is not None:
+        async def start_later() -> None:
+            await asyncio.sleep(args.worker_delay)
+            await asyncio.get_running_loop().run_in_executor(None, before_poll)
+        delayed = asyncio.create_task(start_later())
     await asyncio.gather(*(ci_job(c) for c in conns))
     for run_id in runs:
         await stats.call(conns[0], "run complete", "POST", f"/api/v1/automation/runs/{run_id}/complete",
                          b'{"measure_elapsed":true}')
     t_last_complete = time.perf_counter()
+    if delayed is not None:
+        await delayed
     before_poll()
     accepted_seconds = t_last_complete - t0
 
@@ -328,6 +338,10 @@ def main() -> None:
     parser.add_argument("--api-workers", type=int, default=1)
     parser.add_argument("--worker-concurrency", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--think-ms", type=float, default=0,
+                        help="each CI job pauses about this long before each append, as if running tests")
+    parser.add_argument("--worker-delay", type=float,
+                        help="start the workers this many seconds into the fleet, so that they work on a backlog")
     parser.add_argument("--worker-after", action="store_true",
                         help="start the workers only once every request is accepted: shim and drain apart")
     parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "bench")
@@ -357,7 +371,7 @@ def main() -> None:
             workers.append(start_worker(env, args.logs / "worker.log", concurrency=args.worker_concurrency))
             print(f"pids api={api.proc.pid} worker={workers[0].proc.pid}", file=sys.stderr, flush=True)
 
-    if not args.worker_after:
+    if not args.worker_after and args.worker_delay is None:
         start_workers()
     try:
         cpu_before = cpu_by_component(api, workers[0] if workers else None)

@@ -26,3 +26,8 @@ test: install services
 check: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# The throughput benchmark of issue 3 (not a test): a 1,000-thread fleet, then 20 runs of 50 threads.
+bench: install services
+	$(PY) tests/perf/bench.py --runs 1 --threads 1000 --appends 10 --tests 100
+	$(PY) tests/perf/bench.py --runs 20 --threads 50 --appends 10 --tests 100

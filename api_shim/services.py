@@ -14,6 +14,7 @@ from api_shim.batcher import GroupCommit
 from api_shim.queue import Queue, ThreadOp
 from api_shim.state import State
 from api_shim.threads import NewThread, create_threads
+from schema.process import quiet_gc
 from schema.settings import Settings
 from schema.statuses import DEFAULT_STATUSES, Status, alias_map
 
@@ -76,6 +77,7 @@ class Services:
         )
 
     async def start(self) -> None:
+        quiet_gc()
         try:
             await self.statuses.refresh(self.engine)
         except Exception as exc:  # the database may be down at start; the defaults serve until it is back

@@ -9,6 +9,7 @@ from celery import Celery
 from celery.signals import after_setup_logger, worker_process_init
 from kombu.serialization import register
 
+from schema.process import quiet_gc
 from schema.settings import get_settings
 from worker import db
 
@@ -50,5 +51,6 @@ def _quiet_task_lines(**_: Any) -> None:
 def _fresh_pool(**_: Any) -> None:
     # On a machine shared with the shim, accepting requests must not wait behind applying them.
     os.nice(settings.worker_nice)
+    quiet_gc()
     # A forked child must not share the parent's database sockets.
     db.reset()

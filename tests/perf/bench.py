@@ -17,6 +17,7 @@ import os
 import random
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -102,12 +103,14 @@ class Connection(asyncio.Protocol):
 class Stats:
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    timeline: list[tuple[float, str, float]] = field(default_factory=list)
 
     async def call(self, conn: Connection, name: str, method: str, path: str, body: bytes = b"",
                    ok: int = 204) -> bytes:
         start = time.perf_counter()
         status, payload = await conn.request(method, path, body)
         self.latencies[name].append(time.perf_counter() - start)
+        self.timeline.append((start, name, time.perf_counter() - start))
         if status != ok:
             self.errors[f"{name} {status}"] += 1
             if sum(self.errors.values()) <= 5:
@@ -316,11 +319,38 @@ def cpu_by_component(api: Service, worker: Service | None) -> dict[str, float]:
             "load generator": cpu_seconds([os.getpid()])}
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return 0.0
+
+
+class RssSampler(threading.Thread):
+    """Resident memory of the shim's and workers' processes, twice a second, to show it stays flat."""
+
+    def __init__(self, roots: Callable[[], dict[str, int]]) -> None:
+        super().__init__(daemon=True)
+        self.roots = roots
+        self.samples: dict[str, list[float]] = defaultdict(list)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.5):
+            for name, root in self.roots().items():
+                for i, pid in enumerate(tree(root)[1:] or [root]):
+                    self.samples[f"{name}[{i}]"].append(rss_mb(pid))
+
+    def report(self) -> str:
+        lines = []
+        for name, values in self.samples.items():
+            quarters = [values[min(len(values) - 1, len(values) * q // 4)] for q in (1, 2, 3, 4)]
+            lines.append(f"  {name:<10} RSS MB at 1/4, 1/2, 3/4, end of the fleet: "
+                         f"{', '.join(f'{v:.0f}' for v in quarters)}; peak {max(values):.0f}")
+        return "\n".join(lines)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -342,6 +372,7 @@ def main() -> None:
                         help="each CI job pauses about this long before each append, as if running tests")
     parser.add_argument("--worker-delay", type=float,
                         help="start the workers this many seconds into the fleet, so that they work on a backlog")
+    parser.add_argument("--timeline", action="store_true", help="append latency every 2 s of the fleet")
     parser.add_argument("--worker-after", action="store_true",
                         help="start the workers only once every request is accepted: shim and drain apart")
     parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "bench")
@@ -373,13 +404,16 @@ def main() -> None:
 
     if not args.worker_after and args.worker_delay is None:
         start_workers()
+    sampler = RssSampler(lambda: {"shim": api.proc.pid, **({"worker": workers[0].proc.pid} if workers else {})})
+    sampler.start()
     try:
         cpu_before = cpu_by_component(api, workers[0] if workers else None)
         result = uvloop.run(fleet(api_url, token, project_id, args, start_workers))
+        sampler.stopped.set()
         worker = workers[0]
         cpu = {k: v - cpu_before[k] for k, v in cpu_by_component(api, worker).items()}
-        rss = {"shim": [peak_rss_mb(p) for p in tree(api.proc.pid)[1:] or [api.proc.pid]],
-               "worker": [peak_rss_mb(p) for p in tree(worker.proc.pid)[1:]]}
+        rss = {"shim": [rss_mb(p, "VmHWM") for p in tree(api.proc.pid)[1:] or [api.proc.pid]],
+               "worker": [rss_mb(p, "VmHWM") for p in tree(worker.proc.pid)[1:]]}
     finally:
         api.stop()
         for w in workers:
@@ -403,6 +437,15 @@ def main() -> None:
         print(f"{name:<16}{len(ms):>8}{statistics.median(ms):>9.1f}{percentile(ms, 95):>9.1f}"
               f"{percentile(ms, 99):>9.1f}{max(ms):>9.1f}")
     print(f"error responses: {dict(stats.errors) or 'none'}")
+    if args.timeline:
+        t0 = stats.timeline[0][0]
+        windows: dict[int, list[float]] = defaultdict(list)
+        for start, name, seconds in stats.timeline:
+            if name == "thread append":
+                windows[int((start - t0) / 2)].append(seconds * 1000)
+        for w, ms in sorted(windows.items()):
+            print(f"  t={2 * w:>3}s appends {len(ms):>5}  "
+                  f"p50 {statistics.median(ms):6.1f}  p99 {percentile(ms, 99):6.1f}")
     print(f"accepted results/s:      {total / result['accepted_seconds']:>10,.0f}")
     print(f"end-to-end results/s:    {e2e_rate:>10,.0f}  (first request to exact counters, "
           f"{result['e2e_seconds']:.1f} s)")
@@ -410,7 +453,9 @@ def main() -> None:
     print(f"ratio end-to-end / COPY: {e2e_rate / copy_rate:>10.2f}")
     print(f"lag, last complete to exact final counters: {result['lag']:.2f} s"
           + (" (includes starting the workers)" if args.worker_after else ""))
-    print(f"peak RSS MB: shim {[round(x) for x in rss['shim']]}, worker processes {[round(x) for x in rss['worker']]}")
+    print(f"peak RSS MB: shim {[round(x) for x in rss['shim']]}, "
+          f"worker processes {[round(x) for x in rss['worker']]}")
+    print(sampler.report())
     print("CPU seconds during the fleet: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
           + f" (wall {result['e2e_seconds']:.1f} s, {os.cpu_count()} cores)")
     print(f"every counter matched: {'yes' if not result['mismatched'] else 'NO ' + str(result['mismatched'])}")

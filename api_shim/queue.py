@@ -23,7 +23,15 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from schema.messages import APPLY_TASK, batch_key, pending_key
+from schema.messages import (
+    APPLY_TASK,
+    CLOSED_TTL_SECONDS,
+    OPEN_TTL_SECONDS,
+    batch_key,
+    pending_key,
+    run_key,
+    thread_key,
+)
 
 # Lua splices the count a complete records into its payload where this number stands.
 EXPECTED_PLACEHOLDER = -7_777_777_777
@@ -31,8 +39,6 @@ _PLACEHOLDER_BYTES = str(EXPECTED_PLACEHOLDER).encode()
 _ORIGIN = f"ingest-shim@{socket.gethostname()}:{os.getpid()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
-OPEN_TTL_SECONDS = 30 * 24 * 3600
-CLOSED_TTL_SECONDS = 24 * 3600
 
 # Appends are refused ('busy', a 429) while the queue holds `high water` messages or more, so that a
 # stalled fleet of workers cannot make Redis grow without bound. Completes are never refused: they are
@@ -147,14 +153,6 @@ class ThreadOp:
     run_id: int
     thread_id: int
     op: bytes
-
-
-def run_key(run_id: int) -> str:
-    return f"ingest:run:{run_id}"
-
-
-def thread_key(thread_id: int) -> str:
-    return f"ingest:thread:{thread_id}"
 
 
 def celery_message(queue: str, key: str) -> bytes:

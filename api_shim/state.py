@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api_shim.queue import Queue, run_key, thread_key
+from api_shim.queue import Queue
+from schema.messages import run_key, thread_key
 
 MAX_CACHED = 200_000
 

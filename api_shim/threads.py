@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api_shim.queue import Queue, run_key, thread_key
+from api_shim.queue import Queue
 from api_shim.state import State, ThreadRef
+from schema.messages import run_key, thread_key
 
 
 @dataclass(frozen=True)

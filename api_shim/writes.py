@@ -17,10 +17,11 @@ from starlette.responses import Response
 
 from api_shim.errors import ApiError, already_completed, invalid, not_found
 from api_shim.http import json_response, no_content, now_iso, parse, path_id, read_body, services
-from api_shim.queue import EXPECTED_PLACEHOLDER, ThreadOp, run_key
+from api_shim.queue import EXPECTED_PLACEHOLDER, ThreadOp
 from api_shim.services import Services
 from api_shim.state import ThreadRef
 from api_shim.threads import NewThread
+from schema.messages import run_key
 from schema.requests import (
     RunAppend,
     RunComplete,

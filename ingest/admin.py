@@ -1,10 +1,16 @@
 """Administrative operations on projects, users, tokens, configs and milestones."""
 
 import secrets
+import uuid
+from collections.abc import Callable
+from typing import Any
 
+import orjson
 from redis import Redis
 from sqlalchemy import Connection, create_engine, text
 
+from api_shim.queue import celery_message
+from schema.messages import batch_key, pending_key
 from schema.settings import Settings
 from schema.tokens import auth_key, token_hash
 
@@ -78,6 +84,44 @@ class Admin:
                               {"u": user_id}).scalars().all()
         if hashes:
             self.redis.delete(*(auth_key(h) for h in hashes))
+
+    # --- dead letters ---------------------------------------------------------------------------------------
+
+    def dead_letters(self, include_applied: bool = False) -> list[dict[str, Any]]:
+        """Dead letters, oldest first; `state` is dead, replayed (queued again) or applied (by a replay)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT d.id, d.op_id, d.kind, d.run_id, d.thread_id, d.error, d.failures, d.created_at, "
+                "  d.replayed_at, a.id IS NOT NULL AS applied "
+                "FROM dead_letters d LEFT JOIN applied_ops a ON a.id = d.op_id "
+                "WHERE :all OR a.id IS NULL ORDER BY d.id"), {"all": include_applied}).mappings().all()
+        return [dict(row) | {"state": "applied" if row["applied"] else "replayed" if row["replayed_at"] else "dead"}
+                for row in rows]
+
+    def replay(self, ids: list[int] | None, progress: Callable[[int, int], None] = lambda done, total: None) -> int:
+        """Queue dead-lettered operations again (all not yet applied, or those `ids`); how many were queued.
+
+        A replayed operation keeps its id, so replaying twice, or a replay racing the original, still applies
+        it once. It does not count towards any completion barrier again: it was counted when first accepted.
+        """
+        with self.engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT d.id, d.payload FROM dead_letters d "
+                "WHERE (CAST(:ids AS bigint[]) IS NULL OR d.id = ANY(:ids)) "
+                "AND NOT EXISTS (SELECT 1 FROM applied_ops a WHERE a.id = d.op_id) ORDER BY d.id"),
+                {"ids": ids}).all()
+        queue = self.settings.queue
+        for done, (letter_id, payload) in enumerate(rows, 1):
+            key = batch_key(uuid.uuid4().hex)
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(key, orjson.dumps([payload]))
+            pipe.lpush(queue, celery_message(queue, key))
+            pipe.rpush(pending_key(queue), key)
+            pipe.execute()
+            with self.engine.begin() as conn:
+                conn.execute(text("UPDATE dead_letters SET replayed_at = now() WHERE id = :id"), {"id": letter_id})
+            progress(done, len(rows))
+        return len(rows)
 
     @staticmethod
     def _require_project(conn: Connection, project_id: int) -> None:

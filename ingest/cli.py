@@ -4,6 +4,8 @@ import argparse
 import logging
 import sys
 
+import orjson
+
 from schema.settings import get_settings
 
 
@@ -48,6 +50,44 @@ def _admin(args: argparse.Namespace) -> None:
         admin.revoke_token(args.token)
 
 
+def _run_complete(args: argparse.Namespace) -> None:
+    from worker.sweeper import complete_run
+
+    if complete_run(args.run_id, "forced"):
+        print(f"run {args.run_id} completed")
+    else:
+        print(f"run {args.run_id}: no such open run", file=sys.stderr)
+        sys.exit(1)
+
+
+def _dlq_list(args: argparse.Namespace) -> None:
+    from ingest.admin import Admin
+
+    letters = Admin(get_settings()).dead_letters(include_applied=args.all)
+    if args.json:
+        print(orjson.dumps(letters, option=orjson.OPT_INDENT_2, default=str).decode())
+        return
+    print(f"{'id':>6} {'state':<9} {'failed':>6} {'kind':<16} {'run':>8} {'thread':>8} {'first failed':<20} error")
+    for d in letters:
+        print(f"{d['id']:>6} {d['state']:<9} {d['failures']:>6} {d['kind']:<16} {d['run_id'] or '':>8} "
+              f"{d['thread_id'] or '':>8} {d['created_at']:%Y-%m-%d %H:%M:%S}  {d['error'][:100]}")
+    print(f"{len(letters)} dead letter(s)", file=sys.stderr)
+
+
+def _dlq_replay(args: argparse.Namespace) -> None:
+    from ingest.admin import Admin
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 100 == 0:
+            print(f"\rreplayed {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    if not args.ids and not args.all:
+        print("ingest: name the dead letters to replay, or --all", file=sys.stderr)
+        sys.exit(2)
+    count = Admin(get_settings()).replay(args.ids or None, progress)
+    print(f"{count} operation(s) queued again; `ingest dlq list --all` shows which were applied")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ingest", description=__doc__)
     sub = p.add_subparsers(required=True)
@@ -87,6 +127,20 @@ def parser() -> argparse.ArgumentParser:
     revoke = token.add_parser("revoke", help="revoke a token")
     revoke.add_argument("token")
     revoke.set_defaults(func=_admin, what="token", action="revoke")
+    run = admin.add_parser("run").add_subparsers(required=True)
+    complete = run.add_parser("complete", help="complete a run now, with what has been applied")
+    complete.add_argument("run_id", type=int)
+    complete.set_defaults(func=_run_complete)
+
+    dlq = sub.add_parser("dlq", help="operations that could not be applied").add_subparsers(required=True)
+    listing = dlq.add_parser("list", help="dead letters not yet applied (with --all, all of them)")
+    listing.add_argument("--all", action="store_true")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=_dlq_list)
+    replay = dlq.add_parser("replay", help="queue dead-lettered operations again, once their cause is fixed")
+    replay.add_argument("ids", type=int, nargs="*")
+    replay.add_argument("--all", action="store_true", help="every dead letter not yet applied")
+    replay.set_defaults(func=_dlq_replay)
     return p
 
 

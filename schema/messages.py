@@ -20,6 +20,21 @@ def batch_key(name: str) -> str:
     return BATCH_KEY_PREFIX + name
 
 
+# How long a run's or thread's Redis state lives unused: an open one is refreshed on every use, so it only
+# expires when nothing can be in flight for it; a closed one only has to refuse late requests for a while.
+OPEN_TTL_SECONDS = 30 * 24 * 3600
+CLOSED_TTL_SECONDS = 24 * 3600
+
+
+def run_key(run_id: int) -> str:
+    """The Redis hash of a run's state on the hot path (see `api_shim/queue.py`)."""
+    return f"ingest:run:{run_id}"
+
+
+def thread_key(thread_id: int) -> str:
+    return f"ingest:thread:{thread_id}"
+
+
 def pending_key(queue: str) -> str:
     """The list of batches enqueued on `queue`, oldest first: a worker applying one takes others from it."""
     return f"ingest:pending:{queue}"

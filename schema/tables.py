@@ -130,6 +130,10 @@ automation_runs = Table(
     Column("measure_elapsed", Boolean),
     Column("complete_requested_at", DateTime(timezone=True)),
     Column("complete_requested_by", BigInteger),
+    # When an operation on the run or its threads was last applied: runs idle too long are completed.
+    Column("activity_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    # Why it was completed: "client" (its complete), "timeout" (idle too long) or "forced" (an operator).
+    Column("completed_reason", Text),
     _created_at(),
     Column("created_by", BigInteger, ForeignKey("users.id"), nullable=False),
     Column("updated_at", DateTime(timezone=True)),
@@ -159,6 +163,9 @@ automation_run_threads = Table(
     Column("appends_expected", Integer),
     Column("complete_requested_at", DateTime(timezone=True)),
     Column("complete_requested_by", BigInteger),
+    Column("activity_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    # "client", "run" (completed with its run), "timeout" or "forced".
+    Column("completed_reason", Text),
     _created_at(),
     Column("created_by", BigInteger, nullable=False),
     Column("completed_at", DateTime(timezone=True)),
@@ -202,6 +209,8 @@ dead_letters = Table(
     Column("thread_id", BigInteger),
     Column("payload", JSONB, nullable=False),
     Column("error", Text, nullable=False),
+    # Times the operation failed: a replay that fails again records its new error here.
+    Column("failures", Integer, nullable=False, server_default=text("1")),
     _created_at(),
     Column("replayed_at", DateTime(timezone=True)),
 )

@@ -10,7 +10,8 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 from support import TEST_REDIS_URL, unique
 
-from api_shim.queue import EXPECTED_PLACEHOLDER, Queue, ThreadOp, run_key, thread_key
+from api_shim.queue import EXPECTED_PLACEHOLDER, Queue, ThreadOp
+from schema.messages import run_key, thread_key
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init
+from celery.signals import after_setup_logger, worker_process_init, worker_ready
 from kombu.serialization import register
 
 from schema.process import quiet_gc
@@ -34,7 +34,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     # How long a reserved, unacknowledged message waits before Redis hands it to another worker
     # (a worker killed outright never acknowledges).
-    broker_transport_options={"visibility_timeout": 300},
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout},
     worker_hijack_root_logger=False,
 )
 
@@ -54,3 +54,10 @@ def _fresh_pool(**_: Any) -> None:
     quiet_gc()
     # A forked child must not share the parent's database sockets.
     db.reset()
+
+
+@worker_ready.connect
+def _start_sweeper(**_: Any) -> None:
+    from worker import sweeper
+
+    sweeper.start()

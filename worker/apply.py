@@ -14,7 +14,7 @@ operation accepted for it has been applied, so no other transaction holds or wai
 """
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import orjson
@@ -67,6 +67,7 @@ class RunState:
     complete_requested_by: int | None
     updated_at: datetime | None
     updated_by: int | None
+    completed_reason: str = "client"
     # Set when this batch finalises the run.
     status: int | None = None
     elapsed: int | None = None
@@ -239,16 +240,20 @@ def _run_ready(run: RunState) -> bool:
     return not run.is_completed and run.ops_expected is not None and run.ops_applied >= run.ops_expected
 
 
+def _thread_status(failed_ids: list[int]) -> str:
+    """SQL for a thread's final status from its counters."""
+    failures = " + ".join(COUNT_COLUMNS[i - 1] for i in failed_ids) or "0"
+    return f"CASE WHEN {failures} > 0 THEN {RUN_STATUS_FAILED} ELSE {RUN_STATUS_PASSED} END"
+
+
 def finalise_run(conn: Connection, run: RunState, failed_ids: list[int]) -> None:
     """Complete the run and its open threads; its counters are final from here on."""
-    failures = " + ".join(COUNT_COLUMNS[i - 1] for i in failed_ids) or "0"
     # A thread being created holds KEY SHARE on the run; FOR UPDATE waits for it, so that the new thread is
     # either seen and completed here, or (see `writes.create_thread`) refused because the run is completed.
     conn.exec_driver_sql("SELECT 1 FROM automation_runs WHERE id = %(run)s FOR UPDATE", {"run": run.id})
     conn.exec_driver_sql(
-        f"UPDATE automation_run_threads SET is_completed = true, "
-        f"status = CASE WHEN {failures} > 0 THEN {RUN_STATUS_FAILED} ELSE {RUN_STATUS_PASSED} END, "
-        f"completed_at = %(at)s, completed_by = %(by)s "
+        f"UPDATE automation_run_threads SET is_completed = true, status = {_thread_status(failed_ids)}, "
+        f"completed_at = %(at)s, completed_by = %(by)s, completed_reason = 'run' "
         f"WHERE run_id = %(run)s AND NOT is_completed",
         {"at": run.complete_requested_at, "by": run.complete_requested_by, "run": run.id},
     )
@@ -345,14 +350,15 @@ def write_threads(conn: Connection, threads: list[ThreadState]) -> None:
         f"fields = fields || %s::jsonb, artifacts = artifacts || %s::jsonb, "
         f"complete_requested_at = %s, complete_requested_by = %s, is_completed = %s, "
         f"status = coalesce(%s, status), completed_at = coalesce(%s, completed_at), "
-        f"completed_by = coalesce(%s, completed_by) "
+        f"completed_by = coalesce(%s, completed_by), completed_reason = coalesce(%s, completed_reason), "
+        f"activity_at = now() "
         f"WHERE id = %s",
         [
             (*t.counts, t.appends_applied, t.appends_expected, t.elapsed_observed, t.elapsed_computed,
              t.results_elapsed, _json(t.new_fields), _json(t.new_artifacts),
              t.complete_requested_at, t.complete_requested_by, t.is_completed, t.status,
              t.complete_requested_at if t.finalised else None, t.complete_requested_by if t.finalised else None,
-             t.id)
+             "client" if t.finalised else None, t.id)
             for t in threads
         ],
     )
@@ -365,14 +371,15 @@ def write_run(conn: Connection, run: RunState) -> None:
         f"fields = fields || %s::jsonb, links = links || %s::jsonb, artifacts = artifacts || %s::jsonb, "
         f"updated_at = %s, updated_by = %s, is_completed = %s, status = coalesce(%s, status), "
         f"elapsed = coalesce(%s, elapsed), completed_at = coalesce(%s, completed_at), "
-        f"completed_by = coalesce(%s, completed_by) "
+        f"completed_by = coalesce(%s, completed_by), completed_reason = coalesce(%s, completed_reason), "
+        f"activity_at = now() "
         f"WHERE id = %s",
         (*run.counts, run.ops_applied, run.ops_expected, run.measure_elapsed,
          run.complete_requested_at, run.complete_requested_by,
          _json(run.new_fields), _json(run.new_links), _json(run.new_artifacts),
          run.updated_at, run.updated_by, run.is_completed, run.status, run.elapsed,
          run.complete_requested_at if run.status else None, run.complete_requested_by if run.status else None,
-         run.id),
+         run.completed_reason if run.status else None, run.id),
     )
 
 
@@ -383,7 +390,62 @@ def dead_letter(conn: Connection, dead: list[tuple[Op, str]]) -> None:
     )
     conn.exec_driver_sql(
         "INSERT INTO dead_letters (op_id, kind, run_id, thread_id, payload, error) "
-        "VALUES (%s, %s, %s, %s, %s::jsonb, %s) ON CONFLICT (op_id) DO NOTHING",
+        "VALUES (%s, %s, %s, %s, %s::jsonb, %s) "
+        # A replay that fails again: the letter is dead again, with its latest error.
+        "ON CONFLICT (op_id) DO UPDATE SET error = excluded.error, failures = dead_letters.failures + 1, "
+        "  replayed_at = NULL",
         [(op["id"], op["kind"], op["run_id"], op.get("thread_id"), orjson.dumps(op).decode(), error)
          for op, error in dead],
     )
+
+
+# --- completing without the client ---------------------------------------------------------------------------
+
+def force_complete_run(conn: Connection, run_id: int, reason: str) -> bool:
+    """Complete a run now with what has been applied: its counters are final as they stand, and operations
+    still queued for it are dead-lettered when they arrive. False if there is no such open run."""
+    # Threads first, then the run: the order every transaction takes its locks in.
+    conn.exec_driver_sql(
+        "SELECT id FROM automation_run_threads WHERE run_id = %(run)s ORDER BY id FOR NO KEY UPDATE", {"run": run_id})
+    run = lock_runs(conn, [run_id]).get(run_id)
+    if run is None or run.is_completed:
+        return False
+    if run.complete_requested_at is None:
+        run.complete_requested_at = datetime.now(UTC)
+        run.measure_elapsed = False
+    run.completed_reason = reason
+    finalise_run(conn, run, failed_status_ids(conn))
+    write_run(conn, run)
+    return True
+
+
+def idle_runs(conn: Connection, idle_seconds: int) -> list[int]:
+    return [row[0] for row in conn.exec_driver_sql(
+        "SELECT id FROM automation_runs WHERE NOT is_completed "
+        "AND activity_at < now() - make_interval(secs => %(idle)s) ORDER BY id LIMIT 1000",
+        {"idle": idle_seconds})]
+
+
+def idle_threads(conn: Connection, idle_seconds: int) -> list[int]:
+    """Open threads of open runs with nothing applied for `idle_seconds` (a CI job that died, say)."""
+    return [row[0] for row in conn.exec_driver_sql(
+        "SELECT t.id FROM automation_run_threads t JOIN automation_runs r ON r.id = t.run_id "
+        "WHERE NOT t.is_completed AND NOT r.is_completed "
+        "AND t.activity_at < now() - make_interval(secs => %(idle)s) ORDER BY t.id LIMIT 1000",
+        {"idle": idle_seconds})]
+
+
+def complete_threads(conn: Connection, thread_ids: list[int], reason: str) -> list[int]:
+    """Complete these threads as they stand; the ones that were still open."""
+    if not thread_ids:
+        return []
+    # Lock in id order, as batches do.
+    locked = [row[0] for row in conn.exec_driver_sql(
+        "SELECT id FROM automation_run_threads WHERE id = ANY(%(ids)s) AND NOT is_completed "
+        "ORDER BY id FOR NO KEY UPDATE", {"ids": thread_ids})]
+    if locked:
+        conn.exec_driver_sql(
+            f"UPDATE automation_run_threads SET is_completed = true, status = "
+            f"{_thread_status(failed_status_ids(conn))}, completed_at = now(), completed_reason = %(reason)s "
+            f"WHERE id = ANY(%(ids)s)", {"ids": locked, "reason": reason})
+    return locked

@@ -16,7 +16,10 @@ from worker.db import batches, unit_of_work
 
 log = logging.getLogger(__name__)
 
-BACKOFF_CAP_SECONDS = 30.0
+BACKOFF_CAP_SECONDS = 10.0
+# A batch that keeps failing on a reachable database (statement timeouts, say) is split and its operations
+# dead-lettered after this many retries; while the database is unreachable, retries never stop.
+MAX_RETRIES = 10
 # At most this many other batches, and this many bytes of them, join a message's batch in one transaction.
 SIBLINGS = 50
 MAX_BYTES = 8 * 1024 * 1024
@@ -39,19 +42,32 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
     except (OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
         # The database or Redis is unreachable, or a deadlock or serialisation failure: all pass with
         # time, so keep the message and try again later rather than give up on accepted results.
+        unreachable = not isinstance(exc, OperationalError) or exc.connection_invalidated
+        if self.request.retries >= MAX_RETRIES and not unreachable:
+            log.error("batch %s still failing after %d retries: dead-lettering", key, self.request.retries)
+            keys, ops = take_batches(key, siblings=False)
+            for op in ops:
+                try:
+                    apply_batch([op])
+                except OperationalError as again:
+                    dead_letter_one(op, again)
+            batches().delete(*keys)
+            return
         log.warning("batch %s failed, will retry: %s", key, type(exc).__name__)
         raise self.retry(exc=exc, countdown=backoff(self.request.retries), max_retries=None) from exc
 
 
-def take_batches(key: str) -> tuple[list[str], list[Op]]:
+def take_batches(key: str, siblings: bool = True) -> tuple[list[str], list[Op]]:
     """This message's batch and, to apply in the same transaction, others waiting in the pending list.
 
     Under load many small batches wait; applying them together keeps the cost per result flat. Taking a
     batch here is only a hint: it stays stored, and its own message still comes, until it is applied.
     """
     store = batches()
-    siblings = cast(list[bytes] | None, store.lpop(pending_key(app.conf.task_default_queue), SIBLINGS)) or []
-    keys = [key, *(k.decode() for k in siblings if k.decode() != key)]
+    others: list[bytes] = []
+    if siblings:
+        others = cast(list[bytes] | None, store.lpop(pending_key(app.conf.task_default_queue), SIBLINGS)) or []
+    keys = [key, *(k.decode() for k in others if k.decode() != key)]
     found: list[str] = []
     ops: list[Op] = []
     size = 0
@@ -77,6 +93,10 @@ def apply_batch(ops: list[Op]) -> None:
             for op in ops:
                 apply_batch([op])
             return
-        log.error("operation %s dead-lettered: %s", ops[0].get("id"), type(exc).__name__)
-        with unit_of_work() as conn:
-            dead_letter(conn, [(ops[0], f"{type(exc).__name__}: {exc}"[:4000])])
+        dead_letter_one(ops[0], exc)
+
+
+def dead_letter_one(op: Op, exc: BaseException) -> None:
+    log.error("operation %s dead-lettered: %s", op.get("id"), type(exc).__name__)
+    with unit_of_work() as conn:
+        dead_letter(conn, [(op, f"{type(exc).__name__}: {exc}"[:4000])])

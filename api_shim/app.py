@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api_shim import reads, writes
+from api_shim import openapi, reads, writes
 from api_shim.errors import ApiError, error_response, unavailable
 from api_shim.services import Services
 from schema.settings import Settings, get_settings
@@ -29,6 +29,7 @@ async def runs_collection(request: Request) -> Response:
 
 
 routes = [
+    Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     Route(f"{API}/user", reads.get_user, methods=["GET"]),
     Route(f"{API}/projects/{{project_id:int}}/automation/runs", runs_collection, methods=["GET", "POST"]),
     Route(f"{API}/automation/runs/{{run_id:int}}", reads.get_run, methods=["GET"]),

@@ -1,5 +1,6 @@
 """The error body and status codes of compat.md section 6."""
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -63,7 +64,10 @@ def from_validation(exc: ValidationError, body: bytes) -> ApiError:
     try:
         document = orjson.loads(body)
     except ValueError:
-        document = None
+        try:  # numbers orjson refuses (1e400, say) but pydantic's parser took
+            document = json.loads(body)
+        except ValueError:
+            document = None
     errors: dict[str, list[str]] = {}
     for e in problems:
         path = _field_path(e["loc"], document, e["type"] == "missing") or "body"

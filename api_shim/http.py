@@ -54,12 +54,23 @@ def parse(body_type: type, body: bytes, statuses: dict[str, int] | None = None) 
         if statuses is not None:
             finish_thread_append(parsed, statuses)
     except ValidationError as exc:
+        if (b"NaN" in body or b"Infinity" in body) and not _strict_json(body):
+            # pydantic's parser takes these JavaScript literals (then refuses them as numbers); they are not JSON.
+            raise ApiError(400, "The request body is not valid JSON.") from None
         raise from_validation(exc, body) from None
     except BodyError as exc:
         raise ApiError(422, INVALID, exc.errors) from None
     if b"\\u0000" in body:
         _refuse_nul(orjson.loads(body), "")
     return parsed
+
+
+def _strict_json(body: bytes) -> bool:
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _refuse_nul(value: Any, path: str) -> None:

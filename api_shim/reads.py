@@ -87,11 +87,12 @@ def status_json(s: Status) -> dict[str, Any]:
 
 def parse_expands(params: QueryParams) -> list[str]:
     raw = params.get("expands", "")
-    names = [n.strip() for n in raw.split(",") if n.strip()]
+    # Each name once, in the order first given: a name repeated ten thousand times is one query, not 10,000.
+    names = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
     unknown = [n for n in names if n not in EXPANDS]
     if unknown:
         raise ApiError(422, INVALID, {"expands": [
-            f"Unknown expand '{n}'; accepted: {', '.join(EXPANDS)}." for n in unknown]})
+            f"Unknown expand '{n[:100]}'; accepted: {', '.join(EXPANDS)}." for n in unknown[:10]]})
     return names
 
 
@@ -151,12 +152,17 @@ async def get_run(request: Request) -> Response:
                               "expands": await build_expands(conn, expands, [run], statuses, threads)})
 
 
+def _is_number(text: str) -> bool:
+    # str.isdigit() also accepts digits int() refuses, such as '²'.
+    return text.isascii() and text.isdecimal()
+
+
 def _ids(params: QueryParams, name: str, errors: dict[str, list[str]]) -> list[int] | None:
     raw = params.get(name)
     if raw is None or raw == "":
         return None
     parts = [p.strip() for p in raw.split(",") if p.strip()]
-    if not parts or not all(p.isdigit() and len(p) <= 18 for p in parts):
+    if not parts or not all(_is_number(p) and len(p) <= 18 for p in parts):
         errors[name] = ["must be a comma-separated list of ids"]
         return None
     return [int(p) for p in parts]
@@ -193,7 +199,7 @@ def _positive(params: QueryParams, name: str, default: int, errors: dict[str, li
     raw = params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < 1 or len(raw) > 9:
+    if not _is_number(raw) or len(raw) > 9 or int(raw) < 1:
         errors[name] = ["must be a positive whole number"]
         return default
     return int(raw)

@@ -32,13 +32,17 @@ Count = Annotated[int, Field(ge=0, le=INT_MAX)]
 Id = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_-]+$")]
 SourceName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9-]+$")]
-MetaValue = ShortText | int | float | bool | None
+# Meta numbers must survive a round trip through PostgreSQL's jsonb and back out as JSON: 64-bit integers
+# (signed or not),
+# and floats small enough that jsonb does not print them back as integers wider than that.
+MetaValue = (ShortText | Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+             | Annotated[float, Field(ge=-1e15, le=1e15)] | bool | None)
 
 FIELD_STRING, FIELD_TEXT, FIELD_HTML, FIELD_CONSOLE, FIELD_URL = 1, 2, 3, 4, 5
 VALUE_MAX = {FIELD_STRING: STRING_MAX, FIELD_TEXT: TEXT_MAX, FIELD_HTML: TEXT_MAX, FIELD_CONSOLE: TEXT_MAX,
              FIELD_URL: URL_MAX}
 
-STRICT = ConfigDict(strict=True, extra="forbid")
+STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 @with_config(STRICT)
@@ -143,6 +147,12 @@ ADAPTERS: dict[type, TypeAdapter[Any]] = {
 }
 
 
+def saturating_add(total: int | None, part: int) -> int:
+    """A sum of elapsed times that stops at the largest bigint instead of failing to store (292,000 years:
+    past that, precision is not the problem)."""
+    return min(BIGINT_MAX, (total or 0) + part)
+
+
 class BodyError(Exception):
     """Rules broken after schema validation: field path -> problems, as in the 422 body."""
 
@@ -179,7 +189,7 @@ def finish_thread_append(data: dict[str, Any], statuses: dict[str, int]) -> None
         counts[status_id] = counts.get(status_id, 0) + 1
         elapsed = test.get("elapsed")
         if elapsed is not None:
-            elapsed_sum = (elapsed_sum or 0) + elapsed
+            elapsed_sum = saturating_add(elapsed_sum, elapsed)
         fields = test.get("fields")
         if fields:
             _check_field_values(fields, f"tests.{i}.fields", errors)

@@ -25,6 +25,9 @@ from schema.settings import Settings
 
 @pytest.fixture(scope="session")
 def database_url() -> str:
+    """A fresh test database, and a flushed test Redis: ids start again, so Redis state of earlier sessions
+    (closed runs, cached tokens) must go with the old database."""
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
     url = make_url(TEST_DATABASE_URL)
     admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -42,9 +45,8 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def redis_client() -> Iterator["redis.Redis[bytes]"]:
+def redis_client(database_url: str) -> Iterator["redis.Redis[bytes]"]:
     client: redis.Redis[bytes] = redis.Redis.from_url(TEST_REDIS_URL)
-    client.flushdb()
     yield client
     client.close()
 

@@ -1,10 +1,12 @@
 """Helpers for tests that drive real processes: the API shim and Celery workers, on PostgreSQL and Redis."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -20,6 +22,24 @@ TEST_DATABASE_URL = os.environ.get(
 TEST_REDIS_URL = os.environ.get("INGEST_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 T = TypeVar("T")
+
+
+def tree(pid: int) -> list[int]:
+    """A process and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
 
 
 def free_port() -> int:
@@ -112,7 +132,9 @@ def start_api(env: Mapping[str, str], log: Path, tls: tuple[Path, Path] | None =
 
 
 def start_worker(env: Mapping[str, str], log: Path, concurrency: int = 2) -> Service:
-    service = Service(["worker", "--concurrency", str(concurrency)], env | {"INGEST_LOG_LEVEL": "INFO"}, log)
+    # At least INFO: readiness is read from the worker's log.
+    level = "DEBUG" if env.get("INGEST_LOG_LEVEL") == "DEBUG" else "INFO"
+    service = Service(["worker", "--concurrency", str(concurrency)], dict(env) | {"INGEST_LOG_LEVEL": level}, log)
 
     def ready() -> bool:
         if not service.alive():
@@ -182,3 +204,83 @@ def make_tests(n: int, statuses: list[str] | None = None, prefix: str = "t") -> 
     statuses = statuses or ["passed"]
     return [{"key": f"{prefix}{i:06d}", "name": f"{prefix} {i}", "folder": "Suite",
              "status": statuses[i % len(statuses)], "elapsed": 1000 + i} for i in range(n)]
+
+
+PG_BIN = Path("/usr/lib/postgresql") / sorted(p.name for p in Path("/usr/lib/postgresql").iterdir())[-1] / "bin" \
+    if Path("/usr/lib/postgresql").exists() else Path("/usr/bin")
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of a test's own, so that the test may stop and start it at will.
+
+    Its directory is made under the system's temporary directory, not the test's (pytest keeps those
+    private to root, and the server runs as postgres); `close` stops the server and removes it.
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ingest-pg-"))
+        self.port = free_port()
+        shutil.chown(self.dir, "postgres")
+        self._pg("initdb", "-D", str(self.dir), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/ingest"
+
+    def _pg(self, tool: str, *args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / tool), *args], check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self._pg("pg_ctl", "-D", str(self.dir), "-l", str(self.dir / "log"), "-w", "start", "-o",
+                 f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg("pg_ctl", "-D", str(self.dir), "-m", mode, "-w", "stop")
+
+    def close(self) -> None:
+        if (self.dir / "postmaster.pid").exists():
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateRedis:
+    """A Redis server of a test's own, persisting with AOF as recommended for production."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "redis"
+        self.dir.mkdir(parents=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", str(self.dir / "log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        wait_for(up, timeout=30, what="redis to start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

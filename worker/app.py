@@ -9,6 +9,7 @@ from celery import Celery
 from celery.signals import after_setup_logger, worker_process_init, worker_ready
 from kombu.serialization import register
 
+from schema.messages import APPLY_TASK
 from schema.process import quiet_gc
 from schema.settings import get_settings
 from worker import db
@@ -34,8 +35,19 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     # How long a reserved, unacknowledged message waits before Redis hands it to another worker
     # (a worker killed outright never acknowledges).
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+    broker_transport_options={
+        "visibility_timeout": settings.visibility_timeout,
+        # Look for such messages every 5 s (kombu's default looks every 100 s).
+        "unacked_restore_interval": 5,
+        "unacked_restore_throttle": 1,
+    },
     worker_hijack_root_logger=False,
+    # No broadcast control channel (a Redis pub/sub connection whose loss kombu 5.7 cannot survive: the
+    # worker stops with "Unrecoverable error"). Workers report their liveness through Redis instead.
+    worker_enable_remote_control=False,
+    # Retry for as long as it takes: an accepted batch is never given up on (tasks.py decides when to
+    # dead-letter instead).
+    task_annotations={APPLY_TASK: {"max_retries": None}},
 )
 
 
@@ -43,8 +55,9 @@ app.conf.update(
 def _quiet_task_lines(**_: Any) -> None:
     # A line per message received and per message applied is noise at thousands of messages a minute;
     # failures and retries are still logged.
-    for name in ("celery.worker.strategy", "celery.app.trace"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @worker_process_init.connect

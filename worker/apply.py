@@ -21,6 +21,7 @@ import orjson
 from sqlalchemy import Connection
 
 from schema.messages import RESULT_FIELDS, JsonObject, Op, ThreadAppendOp, ThreadCompleteOp
+from schema.requests import saturating_add
 from schema.statuses import COUNT_COLUMNS, RUN_STATUS_FAILED, RUN_STATUS_PASSED
 
 N_STATUSES = len(COUNT_COLUMNS)
@@ -164,7 +165,7 @@ def _thread_append(thread: ThreadState | None, op: ThreadAppendOp, rows: list[tu
         thread.delta[status_id - 1] += n
     elapsed = op.get("results_elapsed")
     if elapsed is not None:
-        thread.results_elapsed = (thread.results_elapsed or 0) + elapsed
+        thread.results_elapsed = saturating_add(thread.results_elapsed, elapsed)
     _add_elapsed(thread, op)
     thread.new_fields.extend(op.get("fields", ()))
     thread.new_artifacts.extend(op.get("artifacts", ()))
@@ -190,10 +191,10 @@ def _add_elapsed(thread: ThreadState, op: ThreadAppendOp | ThreadCompleteOp) -> 
     # Clients report elapsed time in parts (on create, appends and complete); the thread's is their sum.
     observed = op.get("elapsed_observed")
     if observed is not None:
-        thread.elapsed_observed = (thread.elapsed_observed or 0) + observed
+        thread.elapsed_observed = saturating_add(thread.elapsed_observed, observed)
     computed = op.get("elapsed_computed")
     if computed is not None:
-        thread.elapsed_computed = (thread.elapsed_computed or 0) + computed
+        thread.elapsed_computed = saturating_add(thread.elapsed_computed, computed)
 
 
 def _thread_ready(thread: ThreadState) -> bool:

@@ -1,10 +1,11 @@
-"""Thin Celery tasks: fetch the batch, apply it in one transaction, retry or dead-letter."""
+"""Thin Celery tasks: fetch the batches, apply them in one transaction, retry or dead-letter."""
 
 import logging
 import random
 from typing import cast
 
 import orjson
+import psycopg
 import redis
 from celery import Task
 from sqlalchemy.exc import OperationalError
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_CAP_SECONDS = 10.0
 # A batch that keeps failing on a reachable database (statement timeouts, say) is split and its operations
-# dead-lettered after this many retries; while the database is unreachable, retries never stop.
+# dead-lettered after this many retries; while the database or Redis is unreachable, retries never stop.
 MAX_RETRIES = 10
 # At most this many other batches, and this many bytes of them, join a message's batch in one transaction.
 SIBLINGS = 50
@@ -27,6 +28,13 @@ MAX_BYTES = 8 * 1024 * 1024
 
 def backoff(retries: int) -> float:
     return min(BACKOFF_CAP_SECONDS, 0.5 * 2.0**retries) * random.uniform(0.5, 1.0)
+
+
+def unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, redis.RedisError):
+        return True
+    return isinstance(exc, OperationalError) and (
+        exc.connection_invalidated or type(exc.orig) is psycopg.OperationalError)
 
 
 @app.task(name=APPLY_TASK, bind=True)
@@ -39,22 +47,14 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         apply_batch(ops)
         # Only now: a worker that dies before this line leaves the batches to their own messages.
         batches().delete(*keys)
-    except (OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
-        # The database or Redis is unreachable, or a deadlock or serialisation failure: all pass with
-        # time, so keep the message and try again later rather than give up on accepted results.
-        unreachable = not isinstance(exc, OperationalError) or exc.connection_invalidated
-        if self.request.retries >= MAX_RETRIES and not unreachable:
-            log.error("batch %s still failing after %d retries: dead-lettering", key, self.request.retries)
-            keys, ops = take_batches(key, siblings=False)
-            for op in ops:
-                try:
-                    apply_batch([op])
-                except OperationalError as again:
-                    dead_letter_one(op, again)
-            batches().delete(*keys)
+    except Exception as exc:
+        # Nothing here may end the task with an error: Celery would acknowledge the message and its batch
+        # would never be applied. Database or Redis down, a deadlock, a statement timeout: retry later;
+        # the batch stays stored meanwhile. (max_retries is None for this task: see worker/app.py.)
+        if self.request.retries >= MAX_RETRIES and not unreachable(exc) and dead_letter_batch(key):
             return
         log.warning("batch %s failed, will retry: %s", key, type(exc).__name__)
-        raise self.retry(exc=exc, countdown=backoff(self.request.retries), max_retries=None) from exc
+        raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
 
 
 def take_batches(key: str, siblings: bool = True) -> tuple[list[str], list[Op]]:
@@ -94,6 +94,24 @@ def apply_batch(ops: list[Op]) -> None:
                 apply_batch([op])
             return
         dead_letter_one(ops[0], exc)
+
+
+def dead_letter_batch(key: str) -> bool:
+    """Give up on a batch that keeps failing: apply what can be, dead-letter the rest. False if that fails
+    too (then the message is retried as before)."""
+    log.error("batch %s keeps failing: applying its operations one by one", key)
+    try:
+        keys, ops = take_batches(key, siblings=False)
+        for op in ops:
+            try:
+                apply_batch([op])
+            except OperationalError as again:
+                dead_letter_one(op, again)
+        batches().delete(*keys)
+    except Exception as exc:
+        log.warning("batch %s could not be dead-lettered: %s", key, type(exc).__name__)
+        return False
+    return True
 
 
 def dead_letter_one(op: Op, exc: BaseException) -> None:

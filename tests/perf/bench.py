@@ -34,7 +34,7 @@ from sqlalchemy import create_engine, make_url
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support import Service, start_api, start_worker  # noqa: E402
+from support import Service, start_api, start_worker, tree  # noqa: E402
 
 from ingest.admin import Admin  # noqa: E402
 from schema.db import upgrade  # noqa: E402
@@ -271,23 +271,6 @@ def stored_counts(database_url: str) -> dict[int, dict[int, int]]:
 
 
 # --- processes ---------------------------------------------------------------------------------------------------
-
-def tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children[ppid].append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children[p])
-    return out
-
 
 def cpu_seconds(pids: list[int]) -> float:
     total = 0

@@ -8,11 +8,12 @@ import redis.exceptions
 import sqlalchemy.exc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api_shim import openapi, reads, writes
+from api_shim import observe, openapi, reads, writes
 from api_shim.errors import ApiError, error_response, unavailable
 from api_shim.services import Services
 from schema.settings import Settings, get_settings
@@ -20,6 +21,7 @@ from schema.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 API = "/api/v1"
+
 
 async def runs_collection(request: Request) -> Response:
     # One route for both methods, so that a 405 on this path lists both in its Allow header.
@@ -29,6 +31,9 @@ async def runs_collection(request: Request) -> Response:
 
 
 routes = [
+    Route("/healthz", observe.healthz, methods=["GET"]),
+    Route("/readyz", observe.readyz, methods=["GET"]),
+    Route("/metrics", observe.metrics, methods=["GET"]),
     Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     Route(f"{API}/user", reads.get_user, methods=["GET"]),
     Route(f"{API}/projects/{{project_id:int}}/automation/runs", runs_collection, methods=["GET", "POST"]),
@@ -78,6 +83,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     return Starlette(
         routes=routes,
+        middleware=[Middleware(observe.Observe)],
         lifespan=lifespan,
         exception_handlers={
             ApiError: _api_error,

@@ -15,6 +15,7 @@ use, so a key only expires once nothing can be in flight for it.
 
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from schema.messages import (
     run_key,
     thread_key,
 )
+from schema.status import STATS_KEY
 
 # Lua splices the count a complete records into its payload where this number stands.
 EXPECTED_PLACEHOLDER = -7_777_777_777
@@ -52,9 +54,9 @@ if high_water > 0 and redis.call('LLEN', KEYS[1]) >= high_water then return 'bus
 # pending list, where a worker applying one batch finds others to apply in the same transaction.
 # KEYS: queue, pending list, batch. ARGV[1]: the message.
 # A batch of thread operations: appends ('a') and completes ('c'), in the order they were accepted.
-# KEYS: queue, pending list, batch, then a (run, thread) pair per operation.
-# ARGV: message, open ttl, closed ttl, high water, kinds ("aac..."), then the payload in pieces: the
-#       number of appends each complete found accepted before it goes between consecutive pieces.
+# KEYS: queue, pending list, batch, stats, then a (run, thread) pair per operation.
+# ARGV: message, open ttl, closed ttl, high water, kinds ("aac..."), results in the appends, then the payload
+#       in pieces: the number of appends each complete found accepted before it goes between the pieces.
 # Enqueues the batch only if every operation may go; otherwise enqueues nothing and returns a verdict
 # per operation: 'ok' (may go), 'missing' (Redis lost the state), 'closed' (an append to a completed thread
 # or run), 'done' (a complete of a completed thread or run), 'busy' (an append while the queue is full).
@@ -68,7 +70,7 @@ if string.find(kinds, 'a', 1, true) then
 end
 local verdicts, blocked, closing = {}, false, {}
 for i = 1, n do
-  local run, thread = KEYS[2 * i + 2], KEYS[2 * i + 3]
+  local run, thread = KEYS[2 * i + 3], KEYS[2 * i + 4]
   local run_closed = redis.call('HGET', run, 'closed')
   local thread_closed = redis.call('HGET', thread, 'closed')
   local verdict = 'ok'
@@ -85,14 +87,15 @@ for i = 1, n do
   verdicts[i] = verdict
 end
 if blocked then return verdicts end
-local payload, piece = {ARGV[6]}, 7
+local payload, piece, appends = {ARGV[7]}, 8, 0
 for i = 1, n do
-  local run, thread = KEYS[2 * i + 2], KEYS[2 * i + 3]
+  local run, thread = KEYS[2 * i + 3], KEYS[2 * i + 4]
   redis.call('HINCRBY', run, 'ops', 1)
   redis.call('EXPIRE', run, ARGV[2])
   if string.sub(kinds, i, i) == 'a' then
     redis.call('HINCRBY', thread, 'appends', 1)
     redis.call('EXPIRE', thread, ARGV[2])
+    appends = appends + 1
   else
     redis.call('HSET', thread, 'closed', '1')
     redis.call('EXPIRE', thread, ARGV[3])
@@ -104,6 +107,10 @@ end
 redis.call('SET', KEYS[3], table.concat(payload))
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[2], KEYS[3])
+if appends > 0 then
+  redis.call('HINCRBY', KEYS[4], 'appends_accepted', appends)
+  redis.call('HINCRBY', KEYS[4], 'results_accepted', ARGV[6])
+end
 return 'ok'
 """
 
@@ -153,6 +160,7 @@ class ThreadOp:
     run_id: int
     thread_id: int
     op: bytes
+    results: int = 0
 
 
 def celery_message(queue: str, key: str) -> bytes:
@@ -168,6 +176,8 @@ def celery_message(queue: str, key: str) -> bytes:
             "group": None, "group_index": None, "retries": 0, "timelimit": [None, None],
             "root_id": task_id, "parent_id": None, "argsrepr": repr([key]), "kwargsrepr": "{}",
             "origin": _ORIGIN, "ignore_result": True,
+            # Read back by the status and metrics (the age of the oldest waiting message).
+            "ingest_enqueued_at": time.time(),
         },
         "properties": {
             "correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
@@ -200,7 +210,7 @@ class Queue:
     async def thread_ops(self, ops: list[ThreadOp]) -> list[str] | str:
         """Enqueue thread appends and completes as one batch: 'ok', or (nothing enqueued) a verdict per op."""
         key, message = self._batch()
-        keys = [self.queue, self.pending, key]
+        keys = [self.queue, self.pending, key, STATS_KEY]
         for op in ops:
             keys += [run_key(op.run_id), thread_key(op.thread_id)]
         # The payload is the JSON list of the ops, cut where each complete's count goes. Only a complete's
@@ -219,7 +229,8 @@ class Queue:
         current[-1] = b"]"
         pieces.append(b"".join(current))
         kinds = "".join(op.kind for op in ops)
-        args: list[Any] = [message, OPEN_TTL_SECONDS, CLOSED_TTL_SECONDS, self.high_water, kinds, *pieces]
+        results = sum(op.results for op in ops)
+        args: list[Any] = [message, OPEN_TTL_SECONDS, CLOSED_TTL_SECONDS, self.high_water, kinds, results, *pieces]
         verdict = await self._threads(keys=keys, args=args)
         if isinstance(verdict, bytes):
             return verdict.decode()

@@ -5,8 +5,9 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from sqlalchemy import text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from api_shim.auth import Authenticator
@@ -56,6 +57,21 @@ class Services:
     thread_ops: "GroupCommit[ThreadOp, str]"
     thread_creates: "GroupCommit[NewThread, int | None]"
     _refresher: "asyncio.Task[None] | None" = None
+    # Blocking clients for the status snapshot behind /metrics (read in a thread, a few times a minute).
+    _sync_redis: SyncRedis | None = None
+    _sync_engine: Engine | None = None
+
+    def sync_redis(self) -> SyncRedis:
+        if self._sync_redis is None:
+            self._sync_redis = SyncRedis.from_url(self.settings.redis_url, socket_timeout=5,
+                                                  socket_connect_timeout=3)
+        return self._sync_redis
+
+    def sync_engine(self) -> Engine:
+        if self._sync_engine is None:
+            self._sync_engine = create_engine(self.settings.database_url, pool_size=1, max_overflow=1,
+                                              pool_pre_ping=True, connect_args={"connect_timeout": 3})
+        return self._sync_engine
 
     @classmethod
     def create(cls, settings: Settings) -> "Services":
@@ -99,3 +115,7 @@ class Services:
                 await self._refresher
         await self.redis.aclose()
         await self.engine.dispose()
+        if self._sync_redis is not None:
+            self._sync_redis.close()
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()

@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from api_shim.errors import ApiError, already_completed, invalid, not_found
 from api_shim.http import json_response, no_content, now_iso, parse, path_id, read_body, services
+from api_shim.observe import request_id
 from api_shim.queue import EXPECTED_PLACEHOLDER, ThreadOp
 from api_shim.services import Services
 from api_shim.state import ThreadRef
@@ -32,8 +33,10 @@ from schema.requests import (
 )
 
 
-def _new_op(kind: str, run_id: int, user_id: int) -> dict[str, Any]:
-    return {"kind": kind, "id": new_op_id(), "run_id": run_id, "user_id": user_id, "at": now_iso()}
+def _new_op(kind: str, run_id: int, user_id: int, request: Request) -> dict[str, Any]:
+    # The request id goes with the operation, so that the worker's log lines can be joined to the shim's.
+    return {"kind": kind, "id": new_op_id(), "run_id": run_id, "user_id": user_id, "at": now_iso(),
+            "request_id": request_id(request)}
 
 
 _ID_PREFIX = secrets.token_hex(8)
@@ -97,8 +100,8 @@ async def _run_ref(request: Request) -> tuple[Services, int, int]:
 async def thread_append(request: Request) -> Response:
     s, ref, user_id = await _thread_ref(request)
     body = parse(ThreadAppend, await read_body(request, s.settings.max_body_bytes), s.statuses.aliases)
-    op = _new_op("thread.append", ref.run_id, user_id) | {"thread_id": ref.thread_id} | body
-    append = ThreadOp("a", ref.run_id, ref.thread_id, orjson.dumps(op))
+    op = _new_op("thread.append", ref.run_id, user_id, request) | {"thread_id": ref.thread_id} | body
+    append = ThreadOp("a", ref.run_id, ref.thread_id, orjson.dumps(op), len(body.get("results", ())))
     verdict = await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.thread_ops.submit(append))
     _check_accepted(s, verdict, "thread")
     return no_content()
@@ -107,7 +110,7 @@ async def thread_append(request: Request) -> Response:
 async def thread_complete(request: Request) -> Response:
     s, ref, user_id = await _thread_ref(request)
     body = parse(ThreadComplete, await read_body(request, s.settings.max_body_bytes))
-    op = _new_op("thread.complete", ref.run_id, user_id) | {"thread_id": ref.thread_id}
+    op = _new_op("thread.complete", ref.run_id, user_id, request) | {"thread_id": ref.thread_id}
     op |= _given(body) | {"expected": EXPECTED_PLACEHOLDER}
     complete = ThreadOp("c", ref.run_id, ref.thread_id, orjson.dumps(op))
     # "done" (completed already, or its run is) is fine too: completing twice is safe for retries.
@@ -118,7 +121,7 @@ async def thread_complete(request: Request) -> Response:
 async def run_append(request: Request) -> Response:
     s, run_id, user_id = await _run_ref(request)
     body = parse(RunAppend, await read_body(request, s.settings.max_body_bytes))
-    op = _new_op("run.append", run_id, user_id) | body
+    op = _new_op("run.append", run_id, user_id, request) | body
     _check_accepted(s, await _enqueue(s, run_id, None, lambda: s.queue.run_append(op)), "run")
     return no_content()
 
@@ -126,7 +129,7 @@ async def run_append(request: Request) -> Response:
 async def run_complete(request: Request) -> Response:
     s, run_id, user_id = await _run_ref(request)
     body = parse(RunComplete, await read_body(request, s.settings.max_body_bytes))
-    op = _new_op("run.complete", run_id, user_id)
+    op = _new_op("run.complete", run_id, user_id, request)
     op |= {"measure_elapsed": body.get("measure_elapsed", True), "expected": EXPECTED_PLACEHOLDER}
     await _enqueue(s, run_id, None, lambda: s.queue.run_complete(op))
     return no_content()

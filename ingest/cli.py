@@ -1,11 +1,12 @@
 """`ingest`: the one command operators use. `ingest --help` lists what it does."""
 
 import argparse
-import logging
+import os
 import sys
 
 import orjson
 
+from schema.logs import configure as configure_logging
 from schema.settings import get_settings
 
 
@@ -21,17 +22,26 @@ def _api(args: argparse.Namespace) -> None:
     uvicorn.run(
         "api_shim.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
         ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, loop="uvloop", http="httptools",
-        access_log=False, log_level=get_settings().log_level.lower(), backlog=4096,
+        access_log=False, log_level=get_settings().log_level.lower(), backlog=4096, log_config=None,
         timeout_keep_alive=30,
     )
 
 
 def _worker(args: argparse.Namespace) -> None:
+    # Before anything imports prometheus_client: the worker's children count into files in this directory,
+    # which the parent serves summed.
+    metrics_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", f"/tmp/ingest-worker-{os.getpid()}")
+    os.makedirs(metrics_dir, exist_ok=True)
+    for stale in os.listdir(metrics_dir):  # counts of an earlier worker would be added to ours
+        os.unlink(os.path.join(metrics_dir, stale))
+    from worker import metrics
     from worker.app import app
 
     settings = get_settings()
+    concurrency = args.concurrency or settings.worker_concurrency
+    metrics.serve(args.metrics_port, concurrency)
     app.worker_main([
-        "worker", "--queues", settings.queue, "--concurrency", str(args.concurrency or settings.worker_concurrency),
+        "worker", "--queues", settings.queue, "--concurrency", str(concurrency),
         "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
     ])
 
@@ -58,6 +68,12 @@ def _run_complete(args: argparse.Namespace) -> None:
     else:
         print(f"run {args.run_id}: no such open run", file=sys.stderr)
         sys.exit(1)
+
+
+def _status(args: argparse.Namespace) -> None:
+    from ingest.status import main as status
+
+    status(get_settings(), args.watch, args.json)
 
 
 def _dlq_list(args: argparse.Namespace) -> None:
@@ -105,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="apply queued operations to the database")
     worker.add_argument("--concurrency", type=int, help="worker processes (default INGEST_WORKER_CONCURRENCY)")
+    worker.add_argument("--metrics-port", type=int, default=9101, help="serves /metrics and /healthz")
     worker.set_defaults(func=_worker)
 
     admin = sub.add_parser("admin", help="projects, tokens, configs, milestones").add_subparsers(required=True)
@@ -132,6 +149,12 @@ def parser() -> argparse.ArgumentParser:
     complete.add_argument("run_id", type=int)
     complete.set_defaults(func=_run_complete)
 
+    status = sub.add_parser("status", help="queue depth, rates, workers, dead letters and stuck runs")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                        help="refresh every SECONDS (default 2) until interrupted")
+    status.add_argument("--json", action="store_true", help="one JSON object per reading")
+    status.set_defaults(func=_status)
+
     dlq = sub.add_parser("dlq", help="operations that could not be applied").add_subparsers(required=True)
     listing = dlq.add_parser("list", help="dead letters not yet applied (with --all, all of them)")
     listing.add_argument("--all", action="store_true")
@@ -145,7 +168,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
     args = parser().parse_args(argv)
     from ingest.admin import AdminError
 

@@ -51,6 +51,7 @@ ResultRow = list[Any]
 
 class OpBase(TypedDict):
     id: str  # uuid given at the shim when the request was accepted
+    request_id: NotRequired[str]  # the HTTP request's, for following it through the logs
     run_id: int
     user_id: int
     at: str  # ISO 8601 UTC time the shim accepted the request

@@ -28,12 +28,17 @@ class Settings(BaseSettings):
     visibility_timeout: int = 300
     # Runs (and threads of open runs) with nothing applied for this long are completed as they stand.
     complete_idle_after_seconds: int = 24 * 3600
+    # An open run counts as stuck (in metrics and `ingest status`) after this long without activity, or this long
+    # after its complete was accepted.
+    stuck_after_seconds: int = 3600
     # How often a worker looks for such runs and threads.
     sweep_interval_seconds: int = 60
     # Scheduling niceness added to worker processes: where the shim shares the machine, accepting requests
     # takes precedence over applying them (the queue absorbs the difference).
     worker_nice: int = 10
     log_level: str = "INFO"
+    # "json" (one object a line, for log pipelines) or "text".
+    log_format: str = "json"
 
 
 @lru_cache

@@ -13,6 +13,7 @@ run's remaining open threads after the run itself. That is safe: a run is finali
 operation accepted for it has been applied, so no other transaction holds or waits for those threads.
 """
 
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -81,6 +82,7 @@ class RunState:
 @dataclass
 class Outcome:
     applied: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)  # operations applied, by kind
     duplicates: int = 0
     results: int = 0
     dead: list[tuple[Op, str]] = field(default_factory=list)
@@ -143,6 +145,7 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
     if outcome.dead:
         dead_letter(conn, outcome.dead)
     outcome.applied = len(fresh) - len(outcome.dead)
+    outcome.kinds = Counter(str(op["kind"]) for op in fresh) - Counter(str(op["kind"]) for op, _ in outcome.dead)
     return outcome
 
 

@@ -1,5 +1,6 @@
 """Thin Celery tasks: fetch the batches, apply them in one transaction, retry or dead-letter."""
 
+import contextlib
 import logging
 import random
 from typing import cast
@@ -11,8 +12,10 @@ from celery import Task
 from sqlalchemy.exc import OperationalError
 
 from schema.messages import APPLY_TASK, Op, pending_key
+from schema.status import STATS_KEY
+from worker import metrics
 from worker.app import app
-from worker.apply import apply_ops, dead_letter
+from worker.apply import Outcome, apply_ops, dead_letter
 from worker.db import batches, unit_of_work
 
 log = logging.getLogger(__name__)
@@ -44,9 +47,13 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         if not keys:
             # A batch is deleted only after its operations committed: this message's work is done.
             return
-        apply_batch(ops)
+        with metrics.DURATION.time():
+            outcome = apply_batch(ops)
         # Only now: a worker that dies before this line leaves the batches to their own messages.
         batches().delete(*keys)
+        record(outcome)
+        log.info("applied %d operations, %d results", outcome.applied, outcome.results, extra={
+            "batches": keys, "request_ids": [op.get("request_id") for op in ops[:200]]})
     except Exception as exc:
         # Nothing here may end the task with an error: Celery would acknowledge the message and its batch
         # would never be applied. Database or Redis down, a deadlock, a statement timeout: retry later;
@@ -54,6 +61,7 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         if self.request.retries >= MAX_RETRIES and not unreachable(exc) and dead_letter_batch(key):
             return
         log.warning("batch %s failed, will retry: %s", key, type(exc).__name__)
+        metrics.RETRIES.inc()
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
 
 
@@ -80,20 +88,43 @@ def take_batches(key: str, siblings: bool = True) -> tuple[list[str], list[Op]]:
     return found, ops
 
 
-def apply_batch(ops: list[Op]) -> None:
+def apply_batch(ops: list[Op]) -> Outcome:
     try:
         with unit_of_work() as conn:
-            apply_ops(conn, ops)
+            outcome = apply_ops(conn, ops)
+        for op, error in outcome.dead:
+            log.error("operation %s dead-lettered: %s", op.get("id"), error,
+                      extra={"request_id": op.get("request_id"), "run_id": op.get("run_id")})
+        metrics.DEAD_LETTERS.inc(len(outcome.dead))
+        return outcome
     except OperationalError:
         raise
     except Exception as exc:
         # The data itself is refused. Apply the operations one by one so that only the one at fault is
         # set aside, with its payload and the error, for an operator to replay.
+        total = Outcome()
         if len(ops) > 1:
             for op in ops:
-                apply_batch([op])
-            return
-        dead_letter_one(ops[0], exc)
+                one = apply_batch([op])
+                total.applied += one.applied
+                total.results += one.results
+                total.kinds += one.kinds
+        else:
+            dead_letter_one(ops[0], exc)
+        return total
+
+
+def record(outcome: Outcome) -> None:
+    """Count what was applied: in this process for Prometheus, and in Redis for the whole installation."""
+    metrics.BATCHES.inc()
+    metrics.RESULTS.inc(outcome.results)
+    for kind, n in outcome.kinds.items():
+        metrics.OPERATIONS.labels(kind).inc(n)
+    with contextlib.suppress(redis.RedisError):  # the results are stored; a lost count only skews a graph
+        pipe = batches().pipeline(transaction=False)
+        pipe.hincrby(STATS_KEY, "operations_applied", outcome.applied)
+        pipe.hincrby(STATS_KEY, "results_applied", outcome.results)
+        pipe.execute()
 
 
 def dead_letter_batch(key: str) -> bool:
@@ -115,6 +146,8 @@ def dead_letter_batch(key: str) -> bool:
 
 
 def dead_letter_one(op: Op, exc: BaseException) -> None:
-    log.error("operation %s dead-lettered: %s", op.get("id"), type(exc).__name__)
+    log.error("operation %s dead-lettered: %s", op.get("id"), type(exc).__name__,
+              extra={"request_id": op.get("request_id"), "run_id": op.get("run_id")})
+    metrics.DEAD_LETTERS.inc()
     with unit_of_work() as conn:
         dead_letter(conn, [(op, f"{type(exc).__name__}: {exc}"[:4000])])

@@ -1,0 +1,110 @@
+"""What the whole installation is doing, read from Redis and PostgreSQL.
+
+The shim exports it at /metrics and `ingest status` prints it; both read the same snapshot, so the numbers an
+operator sees in a terminal are the ones Prometheus alerts on.
+"""
+
+import contextlib
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+
+import orjson
+from redis import Redis
+from sqlalchemy import Engine, text
+
+STATS_KEY = "ingest:stats"
+WORKER_KEY_PREFIX = "ingest:worker:"
+# kombu's Redis transport keeps each message a worker has reserved, not yet acknowledged, in this hash, and
+# the time it was reserved in this sorted set.
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+HEARTBEAT_TTL_SECONDS = 30
+
+
+@dataclass
+class Snapshot:
+    waiting: int = 0
+    reserved: int = 0
+    oldest_waiting_seconds: float = 0.0
+    oldest_reserved_seconds: float = 0.0
+    appends_accepted: int = 0
+    results_accepted: int = 0
+    operations_applied: int = 0
+    results_applied: int = 0
+    workers_alive: int = 0
+    # From PostgreSQL; None when it cannot be read.
+    dead_letters: int | None = None
+    runs_open: int | None = None
+    runs_stuck: int | None = None
+    workers: list[dict[str, object]] = field(default_factory=list)
+    taken_at: float = field(default_factory=time.time)
+
+    @property
+    def depth(self) -> int:
+        return self.waiting + self.reserved
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self) | {"depth": self.depth}
+
+
+def read_redis(redis: Redis, queue: str, snapshot: Snapshot) -> None:
+    now = time.time()
+    pipe = redis.pipeline(transaction=False)
+    pipe.llen(queue)
+    pipe.hlen(UNACKED_KEY)
+    pipe.lindex(queue, -1)
+    pipe.zrange(UNACKED_INDEX_KEY, 0, 0, withscores=True)
+    pipe.hgetall(STATS_KEY)
+    snapshot.waiting, snapshot.reserved, oldest, reserved, stats = pipe.execute()
+    if oldest is not None:
+        enqueued = orjson.loads(oldest).get("headers", {}).get("ingest_enqueued_at")
+        snapshot.oldest_waiting_seconds = max(0.0, now - enqueued) if enqueued else 0.0
+    if reserved:
+        snapshot.oldest_reserved_seconds = max(0.0, now - reserved[0][1])
+    for name, value in stats.items():
+        setattr(snapshot, name.decode(), int(value))
+    for key in redis.scan_iter(match=f"{WORKER_KEY_PREFIX}*", count=1000):
+        raw = redis.get(key)
+        if raw is not None:
+            snapshot.workers.append(orjson.loads(raw))
+    snapshot.workers_alive = len(snapshot.workers)
+
+
+def read_database(engine: Engine, stuck_after_seconds: int, snapshot: Snapshot) -> None:
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT (SELECT count(*) FROM dead_letters d WHERE NOT EXISTS "
+            "          (SELECT 1 FROM applied_ops a WHERE a.id = d.op_id)), "
+            "       (SELECT count(*) FROM automation_runs WHERE NOT is_completed), "
+            # Stuck: nothing applied for a long time, or a complete accepted long ago still waiting for
+            # operations that never arrive (dead-lettered, most likely).
+            "       (SELECT count(*) FROM automation_runs WHERE NOT is_completed AND "
+            "          (activity_at < now() - make_interval(secs => :stuck) OR "
+            "           complete_requested_at < now() - make_interval(secs => :stuck)))"),
+            {"stuck": stuck_after_seconds}).one()
+    snapshot.dead_letters, snapshot.runs_open, snapshot.runs_stuck = row
+
+
+def take(redis: Redis, engine: Engine | None, queue: str, stuck_after_seconds: int) -> Snapshot:
+    snapshot = Snapshot()
+    read_redis(redis, queue, snapshot)
+    if engine is not None:
+        # The queue figures are worth showing while the database is down.
+        with contextlib.suppress(Exception):
+            read_database(engine, stuck_after_seconds, snapshot)
+    return snapshot
+
+
+def heartbeat(redis: Redis, queue: str, concurrency: int, started_at: float) -> None:
+    """A worker says it is alive; it counts as alive while its key lives."""
+    key = f"{WORKER_KEY_PREFIX}{socket.gethostname()}:{_pid()}"
+    redis.set(key, orjson.dumps({"host": socket.gethostname(), "pid": _pid(), "queue": queue,
+                                 "concurrency": concurrency, "started_at": started_at, "seen_at": time.time()}),
+              ex=HEARTBEAT_TTL_SECONDS)
+
+
+def _pid() -> int:
+    return os.getpid()
+

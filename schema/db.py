@@ -28,6 +28,17 @@ def create_database_if_missing(database_url: str) -> bool:
         admin.dispose()
 
 
+def drop_database(database_url: str) -> None:
+    """Drop the database, ending its sessions (for tests and benchmarks that start from nothing)."""
+    url = make_url(database_url)
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
 def upgrade(database_url: str | None = None) -> None:
     url = database_url or get_settings().database_url
     create_database_if_missing(url)

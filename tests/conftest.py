@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy import Engine, create_engine, text
 from support import (
     TEST_DATABASE_URL,
     TEST_REDIS_URL,
@@ -19,7 +19,7 @@ from support import (
 )
 
 from ingest.admin import Admin
-from schema.db import upgrade
+from schema.db import drop_database, upgrade
 from schema.settings import Settings
 
 
@@ -27,12 +27,9 @@ from schema.settings import Settings
 def database_url() -> str:
     """A fresh test database, and a flushed test Redis: ids start again, so Redis state of earlier sessions
     (closed runs, cached tokens) must go with the old database."""
-    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
-    url = make_url(TEST_DATABASE_URL)
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
-    admin.dispose()
+    with redis.Redis.from_url(TEST_REDIS_URL) as client:
+        client.flushdb()
+    drop_database(TEST_DATABASE_URL)
     upgrade(TEST_DATABASE_URL)
     return TEST_DATABASE_URL
 

@@ -201,6 +201,17 @@ class Api:
                         what=f"run {run_id} to complete")
 
 
+# The POST endpoints by name, with their path templates.
+POSTS = {
+    "create run": "/projects/{project}/automation/runs",
+    "run append": "/automation/runs/{run}/append",
+    "create thread": "/automation/runs/{run}/threads",
+    "thread append": "/automation/runs/threads/{thread}/append",
+    "thread complete": "/automation/runs/threads/{thread}/complete",
+    "run complete": "/automation/runs/{run}/complete",
+}
+
+
 def make_tests(n: int, statuses: list[str] | None = None, prefix: str = "t") -> list[dict[str, Any]]:
     statuses = statuses or ["passed"]
     return [{"key": f"{prefix}{i:06d}", "name": f"{prefix} {i}", "folder": "Suite",

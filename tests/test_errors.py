@@ -8,19 +8,11 @@ import httpx
 import pytest
 import redis
 from conftest import Pipeline, new_project
-from support import Api, make_tests, service_env, start_api, unique
+from support import POSTS, Api, make_tests, service_env, start_api, unique
 
 from ingest.admin import Admin
 from schema.statuses import DEFAULT_STATUSES
 
-POSTS = {
-    "create run": "/projects/{project}/automation/runs",
-    "run append": "/automation/runs/{run}/append",
-    "create thread": "/automation/runs/{run}/threads",
-    "thread append": "/automation/runs/threads/{thread}/append",
-    "thread complete": "/automation/runs/threads/{thread}/complete",
-    "run complete": "/automation/runs/{run}/complete",
-}
 HUGE = 99999999999999999999
 BIGINT_MAX = 2**63 - 1
 

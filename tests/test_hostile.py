@@ -28,20 +28,12 @@ import httpx
 import pytest
 from conftest import Pipeline, new_project
 from sqlalchemy import Engine, text
-from support import wait_for
+from support import POSTS, wait_for
 
 from ingest.admin import Admin
 
 # --- targets and checks ---------------------------------------------------------------------------------
 
-POSTS = {
-    "create run": "/projects/{project}/automation/runs",
-    "run append": "/automation/runs/{run}/append",
-    "create thread": "/automation/runs/{run}/threads",
-    "thread append": "/automation/runs/threads/{thread}/append",
-    "thread complete": "/automation/runs/threads/{thread}/complete",
-    "run complete": "/automation/runs/{run}/complete",
-}
 BIGINT_MAX = 2**63 - 1
 INT_MAX = 2**31 - 1
 RAW = "@raw@"  # a string value replaced by a raw JSON literal (NaN, 1e400) when a body is encoded

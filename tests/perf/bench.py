@@ -29,7 +29,7 @@ import orjson
 import psycopg
 import redis
 import uvloop
-from sqlalchemy import create_engine, make_url
+from sqlalchemy import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support import Service, start_api, start_worker, tree  # noqa: E402
 
 from ingest.admin import Admin  # noqa: E402
-from schema.db import upgrade  # noqa: E402
+from schema.db import drop_database, upgrade  # noqa: E402
 from schema.settings import Settings  # noqa: E402
 
 BENCH_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ingest_bench"
@@ -362,13 +362,10 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = Settings(database_url=BENCH_DATABASE_URL, redis_url=BENCH_REDIS_URL)
-    url = make_url(BENCH_DATABASE_URL)
-    admin_engine = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin_engine.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
-    admin_engine.dispose()
+    drop_database(BENCH_DATABASE_URL)
     upgrade(BENCH_DATABASE_URL)
-    redis.Redis.from_url(BENCH_REDIS_URL).flushdb()
+    with redis.Redis.from_url(BENCH_REDIS_URL) as client:
+        client.flushdb()
     admin = Admin(settings)
     project_id = admin.create_project("bench")
     token = admin.create_token("bench", [project_id])

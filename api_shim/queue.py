@@ -42,32 +42,38 @@ _ORIGIN = f"ingest-shim@{socket.gethostname()}:{os.getpid()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
-# Appends are refused ('busy', a 429) while the queue holds `high water` messages or more, so that a
-# stalled fleet of workers cannot make Redis grow without bound. Completes are never refused: they are
-# small, and refusing one would fail a CI job that has already delivered all its results.
-_BUSY = """
-local high_water = tonumber(ARGV[4])
-if high_water > 0 and redis.call('LLEN', KEYS[1]) >= high_water then return 'busy' end
+# Every script below starts with this. It stores the batch, counts its bytes, pushes the Celery message naming
+# it, and notes the batch in the queue's pending list, where a worker applying one batch finds others to apply
+# in the same transaction.
+# KEYS[1..4]: queue, pending list, batch, stats. ARGV[1..3]: message, high water (messages), high water (bytes).
+# Appends are refused ('busy', a 429) while the queue holds that many messages, or its batches that many bytes,
+# so that a stalled fleet of workers cannot make Redis grow without bound. Completes are never refused: they
+# are small, and refusing one would fail a CI job that has already delivered all its results.
+_PRELUDE = """
+local function full()
+  local messages, bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
+  return (messages > 0 and redis.call('LLEN', KEYS[1]) >= messages)
+      or (bytes > 0 and tonumber(redis.call('HGET', KEYS[4], 'queued_bytes') or '0') >= bytes)
+end
+local function enqueue(payload)
+  redis.call('SET', KEYS[3], payload)
+  redis.call('HINCRBY', KEYS[4], 'queued_bytes', string.len(payload))
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+  redis.call('RPUSH', KEYS[2], KEYS[3])
+end
 """
 
-# Every script stores its batch, pushes the Celery message naming it, and notes the batch in the queue's
-# pending list, where a worker applying one batch finds others to apply in the same transaction.
-# KEYS: queue, pending list, batch. ARGV[1]: the message.
 # A batch of thread operations: appends ('a') and completes ('c'), in the order they were accepted.
-# KEYS: queue, pending list, batch, stats, then a (run, thread) pair per operation.
-# ARGV: message, open ttl, closed ttl, high water, kinds ("aac..."), results in the appends, then the payload
-#       in pieces: the number of appends each complete found accepted before it goes between the pieces.
+# KEYS[5..]: a (run, thread) pair per operation.
+# ARGV[4..]: open ttl, closed ttl, kinds ("aac..."), results in the appends, then the payload in pieces: the
+#            number of appends each complete found accepted before it goes between the pieces.
 # Enqueues the batch only if every operation may go; otherwise enqueues nothing and returns a verdict
 # per operation: 'ok' (may go), 'missing' (Redis lost the state), 'closed' (an append to a completed thread
 # or run), 'done' (a complete of a completed thread or run), 'busy' (an append while the queue is full).
-_THREADS = """
-local kinds = ARGV[5]
+_THREADS = _PRELUDE + """
+local kinds = ARGV[6]
 local n = #kinds
-local busy = false
-if string.find(kinds, 'a', 1, true) then
-  local high_water = tonumber(ARGV[4])
-  busy = high_water > 0 and redis.call('LLEN', KEYS[1]) >= high_water
-end
+local busy = string.find(kinds, 'a', 1, true) and full()
 local verdicts, blocked, closing = {}, false, {}
 for i = 1, n do
   local run, thread = KEYS[2 * i + 3], KEYS[2 * i + 4]
@@ -87,58 +93,52 @@ for i = 1, n do
   verdicts[i] = verdict
 end
 if blocked then return verdicts end
-local payload, piece, appends = {ARGV[7]}, 8, 0
+local payload, piece, appends = {ARGV[8]}, 9, 0
 for i = 1, n do
   local run, thread = KEYS[2 * i + 3], KEYS[2 * i + 4]
   redis.call('HINCRBY', run, 'ops', 1)
-  redis.call('EXPIRE', run, ARGV[2])
+  redis.call('EXPIRE', run, ARGV[4])
   if string.sub(kinds, i, i) == 'a' then
     redis.call('HINCRBY', thread, 'appends', 1)
-    redis.call('EXPIRE', thread, ARGV[2])
+    redis.call('EXPIRE', thread, ARGV[4])
     appends = appends + 1
   else
     redis.call('HSET', thread, 'closed', '1')
-    redis.call('EXPIRE', thread, ARGV[3])
+    redis.call('EXPIRE', thread, ARGV[5])
     payload[#payload + 1] = redis.call('HGET', thread, 'appends')
     payload[#payload + 1] = ARGV[piece]
     piece = piece + 1
   end
 end
-redis.call('SET', KEYS[3], table.concat(payload))
-redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], KEYS[3])
+enqueue(table.concat(payload))
 if appends > 0 then
   redis.call('HINCRBY', KEYS[4], 'appends_accepted', appends)
-  redis.call('HINCRBY', KEYS[4], 'results_accepted', ARGV[6])
+  redis.call('HINCRBY', KEYS[4], 'results_accepted', ARGV[7])
 end
 return 'ok'
 """
 
-# KEYS: queue, pending list, batch, run. ARGV: message, payload, open ttl, high water.
-_RUN_APPEND = _BUSY + """
-local closed = redis.call('HGET', KEYS[4], 'closed')
+# KEYS[5]: run. ARGV[4..]: payload, open ttl.
+_RUN_APPEND = _PRELUDE + """
+if full() then return 'busy' end
+local closed = redis.call('HGET', KEYS[5], 'closed')
 if not closed then return 'missing' end
 if closed == '1' then return 'closed' end
-redis.call('HINCRBY', KEYS[4], 'ops', 1)
-redis.call('EXPIRE', KEYS[4], ARGV[3])
-redis.call('SET', KEYS[3], ARGV[2])
-redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], KEYS[3])
+redis.call('HINCRBY', KEYS[5], 'ops', 1)
+redis.call('EXPIRE', KEYS[5], ARGV[5])
+enqueue(ARGV[4])
 return 'ok'
 """
 
-# KEYS: queue, pending list, batch, run. ARGV: message, payload before and after the count, closed ttl.
+# KEYS[5]: run. ARGV[4..]: payload before and after the count, closed ttl.
 # The complete records how many operations on the run were accepted before it.
-_RUN_COMPLETE = """
-local closed = redis.call('HGET', KEYS[4], 'closed')
+_RUN_COMPLETE = _PRELUDE + """
+local closed = redis.call('HGET', KEYS[5], 'closed')
 if not closed then return 'missing' end
 if closed == '1' then return 'done' end
-redis.call('HSET', KEYS[4], 'closed', '1')
-redis.call('EXPIRE', KEYS[4], ARGV[4])
-local expected = redis.call('HGET', KEYS[4], 'ops')
-redis.call('SET', KEYS[3], ARGV[2] .. expected .. ARGV[3])
-redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[5], 'closed', '1')
+redis.call('EXPIRE', KEYS[5], ARGV[6])
+enqueue(ARGV[4] .. redis.call('HGET', KEYS[5], 'ops') .. ARGV[5])
 return 'ok'
 """
 
@@ -193,24 +193,26 @@ def _split_at_placeholder(payload: bytes) -> tuple[bytes, bytes]:
 
 
 class Queue:
-    def __init__(self, redis: Redis, queue: str, high_water: int) -> None:
+    def __init__(self, redis: Redis, queue: str, high_water: int, high_water_bytes: int = 0) -> None:
         self.redis = redis
         self.queue = queue
         self.pending = pending_key(queue)
         self.high_water = high_water
+        self.high_water_bytes = high_water_bytes
         self._threads = redis.register_script(_THREADS)
         self._run_append = redis.register_script(_RUN_APPEND)
         self._run_complete = redis.register_script(_RUN_COMPLETE)
         self._fill = redis.register_script(_FILL)
 
-    def _batch(self) -> tuple[str, bytes]:
+    def _batch(self) -> tuple[list[str], list[Any]]:
+        """A new batch's KEYS and ARGV prefixes (see _PRELUDE)."""
         key = batch_key(uuid.uuid4().hex)
-        return key, celery_message(self.queue, key)
+        return ([self.queue, self.pending, key, STATS_KEY],
+                [celery_message(self.queue, key), self.high_water, self.high_water_bytes])
 
     async def thread_ops(self, ops: list[ThreadOp]) -> list[str] | str:
         """Enqueue thread appends and completes as one batch: 'ok', or (nothing enqueued) a verdict per op."""
-        key, message = self._batch()
-        keys = [self.queue, self.pending, key, STATS_KEY]
+        keys, args = self._batch()
         for op in ops:
             keys += [run_key(op.run_id), thread_key(op.thread_id)]
         # The payload is the JSON list of the ops, cut where each complete's count goes. Only a complete's
@@ -230,24 +232,23 @@ class Queue:
         pieces.append(b"".join(current))
         kinds = "".join(op.kind for op in ops)
         results = sum(op.results for op in ops)
-        args: list[Any] = [message, OPEN_TTL_SECONDS, CLOSED_TTL_SECONDS, self.high_water, kinds, results, *pieces]
+        args += [OPEN_TTL_SECONDS, CLOSED_TTL_SECONDS, kinds, results, *pieces]
         verdict = await self._threads(keys=keys, args=args)
         if isinstance(verdict, bytes):
             return verdict.decode()
         return [v.decode() for v in verdict]
 
     async def run_append(self, op: Any) -> str:
-        key, message = self._batch()
-        keys = [self.queue, self.pending, key, run_key(op["run_id"])]
-        payload = orjson.dumps([op])
-        verdict = await self._run_append(keys=keys, args=[message, payload, OPEN_TTL_SECONDS, self.high_water])
+        keys, args = self._batch()
+        verdict = await self._run_append(keys=[*keys, run_key(op["run_id"])],
+                                         args=[*args, orjson.dumps([op]), OPEN_TTL_SECONDS])
         return str(verdict.decode())
 
     async def run_complete(self, op: Any) -> str:
-        key, message = self._batch()
-        keys = [self.queue, self.pending, key, run_key(op["run_id"])]
+        keys, args = self._batch()
         before, after = _split_at_placeholder(orjson.dumps([op]))
-        verdict = await self._run_complete(keys=keys, args=[message, before, after, CLOSED_TTL_SECONDS])
+        verdict = await self._run_complete(keys=[*keys, run_key(op["run_id"])],
+                                           args=[*args, before, after, CLOSED_TTL_SECONDS])
         return str(verdict.decode())
 
     async def fill(self, key: str, closed: bool, client: Pipeline | None = None, **fields: int) -> None:

@@ -81,7 +81,7 @@ class Services:
         )
         redis = Redis.from_url(settings.redis_url, max_connections=256, socket_timeout=5,
                                socket_connect_timeout=3)
-        queue = Queue(redis, settings.queue, settings.queue_high_water)
+        queue = Queue(redis, settings.queue, settings.queue_high_water, settings.queue_high_water_bytes)
         state = State(engine, queue)
         return cls(
             settings, engine, redis, queue, state, Authenticator(redis, engine, settings.auth_cache_seconds),

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, create_engine, text
 from api_shim.queue import celery_message
 from schema.messages import batch_key, pending_key
 from schema.settings import Settings
+from schema.status import STATS_KEY
 from schema.tokens import auth_key, token_hash
 
 
@@ -113,8 +114,10 @@ class Admin:
         queue = self.settings.queue
         for done, (letter_id, payload) in enumerate(rows, 1):
             key = batch_key(uuid.uuid4().hex)
+            batch = orjson.dumps([payload])
             pipe = self.redis.pipeline(transaction=True)
-            pipe.set(key, orjson.dumps([payload]))
+            pipe.set(key, batch)
+            pipe.hincrby(STATS_KEY, "queued_bytes", len(batch))
             pipe.lpush(queue, celery_message(queue, key))
             pipe.rpush(pending_key(queue), key)
             pipe.execute()

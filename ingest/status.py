@@ -36,6 +36,7 @@ def render(now: Snapshot, before: Snapshot | None, queue: str) -> str:
     return "\n".join([
         f"ingest status  {datetime.fromtimestamp(now.taken_at, UTC):%Y-%m-%d %H:%M:%S} UTC  queue {queue!r}",
         f"queue     depth {now.depth:,} (waiting {now.waiting:,}, reserved {now.reserved:,})   "
+        f"{now.queued_bytes / 1024**2:,.1f} MB   "
         f"oldest waiting {_ago(now.oldest_waiting_seconds)}   oldest reserved {_ago(now.oldest_reserved_seconds)}",
         f"accepted  appends {_rate(now, before, 'appends_accepted')}   results {_rate(now, before, 'results_accepted')}"
         f"   (total {now.appends_accepted:,} appends, {now.results_accepted:,} results)",

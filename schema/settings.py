@@ -12,8 +12,10 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # The Celery queue (a Redis list of this name) that carries every append and complete.
     queue: str = "ingest"
-    # Appends are answered 429 while this many messages wait in the queue (0: never).
+    # Appends are answered 429 while this many messages wait in the queue, or while the batches waiting hold
+    # this many bytes in Redis (0: no limit).
     queue_high_water: int = 50_000
+    queue_high_water_bytes: int = 2 * 1024**3
     max_body_bytes: int = 10 * 1024 * 1024
     # How long a shim process trusts what it cached about a token before asking Redis again;
     # it bounds how long a revoked token keeps working.

@@ -14,6 +14,8 @@ import orjson
 from redis import Redis
 from sqlalchemy import Engine, text
 
+# Installation-wide counts kept by the shims' scripts and the workers: appends and results accepted, operations
+# and results applied, and the bytes held by batches waiting (which the high-water mark bounds).
 STATS_KEY = "ingest:stats"
 WORKER_KEY_PREFIX = "ingest:worker:"
 # kombu's Redis transport keeps each message a worker has reserved, not yet acknowledged, in this hash, and
@@ -33,6 +35,7 @@ class Snapshot:
     results_accepted: int = 0
     operations_applied: int = 0
     results_applied: int = 0
+    queued_bytes: int = 0  # held by batches not yet applied
     workers_alive: int = 0
     # From PostgreSQL; None when it cannot be read.
     dead_letters: int | None = None
@@ -64,7 +67,8 @@ def read_redis(redis: Redis, queue: str, snapshot: Snapshot) -> None:
     if reserved:
         snapshot.oldest_reserved_seconds = max(0.0, now - reserved[0][1])
     for name, value in stats.items():
-        setattr(snapshot, name.decode(), int(value))
+        if hasattr(snapshot, name.decode()):
+            setattr(snapshot, name.decode(), int(value))
     for key in redis.scan_iter(match=f"{WORKER_KEY_PREFIX}*", count=1000):
         raw = redis.get(key)
         if raw is not None:

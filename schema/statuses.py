@@ -8,10 +8,6 @@ MAX_STATUS_ID = 25
 COUNT_COLUMNS: tuple[str, ...] = ("untested_count", *(f"status{i}_count" for i in range(1, MAX_STATUS_ID)))
 
 
-def count_column(status_id: int) -> str:
-    return COUNT_COLUMNS[status_id - 1]
-
-
 # Run and thread `status`: running until completed, then failed if any result failed, else passed.
 RUN_STATUS_PASSED = 2
 RUN_STATUS_FAILED = 3

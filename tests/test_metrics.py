@@ -74,6 +74,7 @@ def test_depth_and_age_grow_while_no_worker_runs_then_drain(
     run_id = api.create_run(project.id)
     thread_id = api.create_thread(run_id)
     before = scrape(url)
+    held = status(env)["queued_bytes"]
     for i in range(5):
         api.append(thread_id, make_tests(10, prefix=f"{i}-"))  # one at a time: five messages
 
@@ -88,6 +89,7 @@ def test_depth_and_age_grow_while_no_worker_runs_then_drain(
     assert second["ingest_queue_oldest_waiting_seconds"] >= 1.5
     reading = status(env)
     assert reading["waiting"] == 5 and reading["depth"] >= 5 and reading["oldest_waiting_seconds"] >= 1.5
+    assert reading["queued_bytes"] > held
 
     worker = start_worker(env, logs / "worker.log")
     try:
@@ -99,6 +101,7 @@ def test_depth_and_age_grow_while_no_worker_runs_then_drain(
         assert drained["ingest_workers_alive"] >= 1
         reading = status(env)
         assert reading["waiting"] == 0 and reading["workers_alive"] >= 1
+        assert reading["queued_bytes"] == held  # applied batches are deleted and discounted
         assert reading["results_applied"] >= drained["ingest_results_applied_total"]
         assert api.run(run_id)["total_count"] == 50
     finally:

@@ -13,6 +13,7 @@ from support import Service, make_tests, service_env, start_api, start_worker, u
 from api_shim.queue import celery_message
 from ingest.admin import Admin
 from schema.messages import batch_key
+from schema.status import STATS_KEY
 
 
 def test_parallel_flow_counts_every_result(project: Project, engine: Engine) -> None:
@@ -121,7 +122,9 @@ def test_every_message_delivered_twice_changes_nothing(paused: Paused, engine: E
     for message in waiting:
         key = orjson.loads(orjson.loads(message)["body"])[0][0]
         copy_key = batch_key(unique("copy"))
-        paused.redis.set(copy_key, paused.redis.get(key) or b"")
+        payload = paused.redis.get(key) or b""
+        paused.redis.set(copy_key, payload)
+        paused.redis.hincrby(STATS_KEY, "queued_bytes", len(payload))  # as the shim counts a batch it stores
         copies.append(celery_message(paused.queue, copy_key))
         keys += [key, copy_key]
     paused.requeue(waiting + copies + waiting)

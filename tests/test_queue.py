@@ -12,6 +12,7 @@ from support import TEST_REDIS_URL, unique
 
 from api_shim.queue import EXPECTED_PLACEHOLDER, Queue, ThreadOp
 from schema.messages import run_key, thread_key
+from schema.status import STATS_KEY
 
 T = TypeVar("T")
 
@@ -21,11 +22,12 @@ def ids(n: int) -> list[int]:
     return [random.randrange(10**12, 10**13) for _ in range(n)]
 
 
-def run(step: Callable[[Queue], Awaitable[T]], high_water: int = 0, queue_name: str | None = None) -> T:
+def run(step: Callable[[Queue], Awaitable[T]], high_water: int = 0, queue_name: str | None = None,
+        high_water_bytes: int = 0) -> T:
     async def main() -> T:
         client = AsyncRedis.from_url(TEST_REDIS_URL)
         try:
-            return await step(Queue(client, queue_name or unique("q"), high_water))
+            return await step(Queue(client, queue_name or unique("q"), high_water, high_water_bytes))
         finally:
             await client.aclose()
 
@@ -127,3 +129,19 @@ def test_over_the_high_water_mark_appends_are_busy_but_completes_still_go(
     assert run(step, high_water=2, queue_name=name) == (["busy", "ok"], "ok")
     assert redis_client.llen(name) == 3
     assert newest_batch(redis_client, name)[0]["expected"] == 0
+
+
+def test_appends_are_busy_while_waiting_batches_hold_the_high_water_bytes(
+        redis_client: "redis.Redis[bytes]") -> None:
+    r, t = ids(2)
+    held = int(redis_client.hget(STATS_KEY, "queued_bytes") or 0)
+
+    async def step(queue: Queue) -> Any:
+        await open_thread(queue, r, t)
+        first = await queue.thread_ops([append(r, t)])
+        second = await queue.thread_ops([append(r, t)])
+        return first, second
+
+    # The mark sits one byte above what is held now: the first batch fits under it, and then it is reached.
+    assert run(step, high_water_bytes=held + 1) == ("ok", ["busy"])
+    assert int(redis_client.hget(STATS_KEY, "queued_bytes") or 0) > held

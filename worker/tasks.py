@@ -50,10 +50,10 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         with metrics.DURATION.time():
             outcome = apply_batch(ops)
         # Only now: a worker that dies before this line leaves the batches to their own messages.
-        batches().delete(*keys)
+        delete_batches(keys)
         record(outcome)
         log.info("applied %d operations, %d results", outcome.applied, outcome.results, extra={
-            "batches": keys, "request_ids": [op.get("request_id") for op in ops[:200]]})
+            "batches": [name for name, _ in keys], "request_ids": [op.get("request_id") for op in ops[:200]]})
     except Exception as exc:
         # Nothing here may end the task with an error: Celery would acknowledge the message and its batch
         # would never be applied. Database or Redis down, a deadlock, a statement timeout: retry later;
@@ -65,7 +65,21 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
 
 
-def take_batches(key: str, siblings: bool = True) -> tuple[list[str], list[Op]]:
+# KEYS: stats, then batches. ARGV: their sizes. Only the worker that deletes a batch discounts its bytes.
+_DELETE = """
+for i = 2, #KEYS do
+  if redis.call('DEL', KEYS[i]) == 1 then redis.call('HINCRBY', KEYS[1], 'queued_bytes', -ARGV[i - 1]) end
+end
+"""
+
+
+def delete_batches(keys: list[tuple[str, int]]) -> None:
+    """Delete applied batches (name, size) and take their bytes off the queue's count."""
+    if keys:
+        batches().eval(_DELETE, len(keys) + 1, STATS_KEY, *(name for name, _ in keys), *(size for _, size in keys))
+
+
+def take_batches(key: str, siblings: bool = True) -> tuple[list[tuple[str, int]], list[Op]]:
     """This message's batch and, to apply in the same transaction, others waiting in the pending list.
 
     Under load many small batches wait; applying them together keeps the cost per result flat. Taking a
@@ -76,14 +90,14 @@ def take_batches(key: str, siblings: bool = True) -> tuple[list[str], list[Op]]:
     if siblings:
         others = cast(list[bytes] | None, store.lpop(pending_key(app.conf.task_default_queue), SIBLINGS)) or []
     keys = [key, *(k.decode() for k in others if k.decode() != key)]
-    found: list[str] = []
+    found: list[tuple[str, int]] = []
     ops: list[Op] = []
     size = 0
     for name, payload in zip(keys, store.mget(keys), strict=True):
         if payload is None or (found and size + len(payload) > MAX_BYTES):
             continue
         size += len(payload)
-        found.append(name)
+        found.append((name, len(payload)))
         ops.extend(orjson.loads(payload))
     return found, ops
 
@@ -138,7 +152,7 @@ def dead_letter_batch(key: str) -> bool:
                 apply_batch([op])
             except OperationalError as again:
                 dead_letter_one(op, again)
-        batches().delete(*keys)
+        delete_batches(keys)
     except Exception as exc:
         log.warning("batch %s could not be dead-lettered: %s", key, type(exc).__name__)
         return False

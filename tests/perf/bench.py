@@ -52,9 +52,13 @@ class Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection, one request at a time, parsed by hand: an asyncio Protocol costs
     a fraction of what streams do, and every cycle the fleet spends is one the server cannot."""
 
-    def __init__(self, host: str, port: int, token: str) -> None:
+    def __init__(self, host: str, port: int, token: str, close: bool = False) -> None:
         self.host, self.port = host, port
         self.head = f"Host: {host}:{port}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        # As the testmo CLI does: a new connection for every request.
+        self.close_each = close
+        if close:
+            self.head += "Connection: close\r\n"
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
@@ -93,6 +97,10 @@ class Connection(asyncio.Protocol):
             return await self.waiter
         finally:
             self.waiter = None
+            if self.close_each:
+                self.close()
+                self.transport = None
+                self.buffer.clear()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -144,7 +152,7 @@ async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace,
     rng = random.Random(42)
     stats = Stats()
     expected_run: dict[int, dict[int, int]] = {}
-    conns = [Connection(host, int(port), token) for _ in range(args.concurrency)]
+    conns = [Connection(host, int(port), token, args.new_connections) for _ in range(args.concurrency)]
 
     t_start = time.perf_counter()
     runs = []
@@ -355,6 +363,8 @@ def main() -> None:
                         help="each CI job pauses about this long before each append, as if running tests")
     parser.add_argument("--worker-delay", type=float,
                         help="start the workers this many seconds into the fleet, so that they work on a backlog")
+    parser.add_argument("--new-connections", action="store_true",
+                        help="a new connection for every request, as the testmo CLI does (Connection: close)")
     parser.add_argument("--timeline", action="store_true", help="append latency every 2 s of the fleet")
     parser.add_argument("--worker-after", action="store_true",
                         help="start the workers only once every request is accepted: shim and drain apart")

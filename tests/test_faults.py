@@ -162,6 +162,17 @@ def stack_factory(logs: Path) -> Iterator[Callable[..., Stack]]:
         stack.stop()
 
 
+@pytest.fixture
+def private(tmp_path: Path) -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
+    """A migrated PostgreSQL and a Redis of the test's own, to stop at will. Its own Redis too: ids in a new
+    database start again, and must not meet the state of the suite's runs."""
+    pg, redis_server = PrivatePostgres(), PrivateRedis(tmp_path)
+    upgrade(pg.url)
+    yield pg, redis_server
+    pg.close()
+    redis_server.stop()
+
+
 def project_on(database_url: str, redis_url: str) -> tuple[int, str]:
     admin = Admin(Settings(database_url=database_url, redis_url=redis_url))
     try:
@@ -217,10 +228,9 @@ def test_workers_killed_mid_batch_lose_nothing_and_count_nothing_twice(
     assert run["total_count"] == rounds * 6 * 10 * 50
 
 
-def test_postgres_down_for_20_seconds(stack_factory: Callable[..., Stack], tmp_path: Path) -> None:
-    # Its own Redis too: ids in a new database start again, and must not meet the state of the suite's runs.
-    pg, redis_server = PrivatePostgres(), PrivateRedis(tmp_path)
-    upgrade(pg.url)
+def test_postgres_down_for_20_seconds(private: tuple[PrivatePostgres, PrivateRedis],
+                                      stack_factory: Callable[..., Stack]) -> None:
+    pg, redis_server = private
     stack = stack_factory(database_url=pg.url, redis_url=redis_server.url)
     project_id, token = project_on(pg.url, redis_server.url)
     fleet = Fleet(stack.url, token, project_id)
@@ -251,8 +261,6 @@ def test_postgres_down_for_20_seconds(stack_factory: Callable[..., Stack], tmp_p
         api.close()
         engine.dispose()
         stack.stop()
-        pg.close()
-        redis_server.stop()
 
 
 def test_redis_restarted_with_aof_keeps_every_accepted_append(
@@ -351,9 +359,8 @@ def test_an_operation_the_database_refuses_is_dead_lettered_then_replayed(
 
 
 def test_idle_runs_complete_by_timeout_and_an_operator_can_force_one(
-        stack_factory: Callable[..., Stack], tmp_path: Path) -> None:
-    pg, redis_server = PrivatePostgres(), PrivateRedis(tmp_path)
-    upgrade(pg.url)
+        private: tuple[PrivatePostgres, PrivateRedis], stack_factory: Callable[..., Stack]) -> None:
+    pg, redis_server = private
     engine = create_engine(pg.url)
     stack = stack_factory(workers=0, database_url=pg.url, redis_url=redis_server.url)
     project_id, token = project_on(pg.url, redis_server.url)
@@ -391,8 +398,6 @@ def test_idle_runs_complete_by_timeout_and_an_operator_can_force_one(
         api.close()
         engine.dispose()
         stack.stop()
-        pg.close()
-        redis_server.stop()
 
 
 def test_logs_carry_no_token_and_no_payload(stack_factory: Callable[..., Stack], database_url: str) -> None:

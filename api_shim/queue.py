@@ -142,6 +142,13 @@ enqueue(ARGV[4] .. redis.call('HGET', KEYS[5], 'ops') .. ARGV[5])
 return 'ok'
 """
 
+# ARGV[4]: a payload stored and enqueued as it is, never refused: `ingest dlq replay` re-queues operations that
+# were counted when first accepted.
+ENQUEUE = _PRELUDE + """
+enqueue(ARGV[4])
+return 'ok'
+"""
+
 # KEYS: key. ARGV: ttl, then field/value pairs. Creates the hash only if it is missing, so a rebuild
 # from the database never overwrites counts that the scripts above are keeping.
 _FILL = """
@@ -187,6 +194,12 @@ def celery_message(queue: str, key: str) -> bytes:
     })
 
 
+def new_batch(queue: str, high_water: int = 0, high_water_bytes: int = 0) -> tuple[list[str], list[Any]]:
+    """A new batch's KEYS and ARGV prefixes for the scripts above (see _PRELUDE)."""
+    key = batch_key(uuid.uuid4().hex)
+    return [queue, pending_key(queue), key, STATS_KEY], [celery_message(queue, key), high_water, high_water_bytes]
+
+
 def _split_at_placeholder(payload: bytes) -> tuple[bytes, bytes]:
     before, after = payload.split(_PLACEHOLDER_BYTES)
     return before, after
@@ -196,7 +209,6 @@ class Queue:
     def __init__(self, redis: Redis, queue: str, high_water: int, high_water_bytes: int = 0) -> None:
         self.redis = redis
         self.queue = queue
-        self.pending = pending_key(queue)
         self.high_water = high_water
         self.high_water_bytes = high_water_bytes
         self._threads = redis.register_script(_THREADS)
@@ -205,10 +217,7 @@ class Queue:
         self._fill = redis.register_script(_FILL)
 
     def _batch(self) -> tuple[list[str], list[Any]]:
-        """A new batch's KEYS and ARGV prefixes (see _PRELUDE)."""
-        key = batch_key(uuid.uuid4().hex)
-        return ([self.queue, self.pending, key, STATS_KEY],
-                [celery_message(self.queue, key), self.high_water, self.high_water_bytes])
+        return new_batch(self.queue, self.high_water, self.high_water_bytes)
 
     async def thread_ops(self, ops: list[ThreadOp]) -> list[str] | str:
         """Enqueue thread appends and completes as one batch: 'ok', or (nothing enqueued) a verdict per op."""

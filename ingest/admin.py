@@ -1,7 +1,6 @@
 """Administrative operations on projects, users, tokens, configs and milestones."""
 
 import secrets
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -9,10 +8,8 @@ import orjson
 from redis import Redis
 from sqlalchemy import Connection, create_engine, text
 
-from api_shim.queue import celery_message
-from schema.messages import batch_key, pending_key
+from api_shim.queue import ENQUEUE, new_batch
 from schema.settings import Settings
-from schema.status import STATS_KEY
 from schema.tokens import auth_key, token_hash
 
 
@@ -111,16 +108,10 @@ class Admin:
                 "WHERE (CAST(:ids AS bigint[]) IS NULL OR d.id = ANY(:ids)) "
                 "AND NOT EXISTS (SELECT 1 FROM applied_ops a WHERE a.id = d.op_id) ORDER BY d.id"),
                 {"ids": ids}).all()
-        queue = self.settings.queue
+        enqueue = self.redis.register_script(ENQUEUE)
         for done, (letter_id, payload) in enumerate(rows, 1):
-            key = batch_key(uuid.uuid4().hex)
-            batch = orjson.dumps([payload])
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.set(key, batch)
-            pipe.hincrby(STATS_KEY, "queued_bytes", len(batch))
-            pipe.lpush(queue, celery_message(queue, key))
-            pipe.rpush(pending_key(queue), key)
-            pipe.execute()
+            keys, args = new_batch(self.settings.queue)
+            enqueue(keys=keys, args=[*args, orjson.dumps([payload])])
             with self.engine.begin() as conn:
                 conn.execute(text("UPDATE dead_letters SET replayed_at = now() WHERE id = :id"), {"id": letter_id})
             progress(done, len(rows))

@@ -11,12 +11,13 @@ from sqlalchemy import create_engine
 from schema.settings import Settings
 from schema.status import Snapshot, take
 
+COUNTERS = ("appends_accepted", "results_accepted", "operations_applied", "results_applied")
 
-def _rate(now: Snapshot, before: Snapshot | None, name: str) -> str:
-    if before is None:
-        return "-"
-    seconds = now.taken_at - before.taken_at
-    return f"{(getattr(now, name) - getattr(before, name)) / seconds:,.1f}/s" if seconds > 0 else "-"
+
+def rates(now: Snapshot, before: Snapshot) -> dict[str, float]:
+    """Each counter's increase per second between two readings."""
+    seconds = max(1e-9, now.taken_at - before.taken_at)
+    return {name: (getattr(now, name) - getattr(before, name)) / seconds for name in COUNTERS}
 
 
 def _ago(seconds: float) -> str:
@@ -27,7 +28,9 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def render(now: Snapshot, before: Snapshot | None, queue: str) -> str:
+def render(now: Snapshot, before: Snapshot, queue: str) -> str:
+    rate = {name: f"{value:,.1f}/s" for name, value in rates(now, before).items()}
+
     def known(value: int | None) -> str:
         return "?" if value is None else f"{value:,}"
 
@@ -38,10 +41,10 @@ def render(now: Snapshot, before: Snapshot | None, queue: str) -> str:
         f"queue     depth {now.depth:,} (waiting {now.waiting:,}, reserved {now.reserved:,})   "
         f"{now.queued_bytes / 1024**2:,.1f} MB   "
         f"oldest waiting {_ago(now.oldest_waiting_seconds)}   oldest reserved {_ago(now.oldest_reserved_seconds)}",
-        f"accepted  appends {_rate(now, before, 'appends_accepted')}   results {_rate(now, before, 'results_accepted')}"
+        f"accepted  appends {rate['appends_accepted']}   results {rate['results_accepted']}"
         f"   (total {now.appends_accepted:,} appends, {now.results_accepted:,} results)",
-        f"applied   operations {_rate(now, before, 'operations_applied')}   results "
-        f"{_rate(now, before, 'results_applied')}   (total {now.operations_applied:,} operations, "
+        f"applied   operations {rate['operations_applied']}   results "
+        f"{rate['results_applied']}   (total {now.operations_applied:,} operations, "
         f"{now.results_applied:,} results)",
         f"workers   {now.workers_alive} alive: {workers}",
         f"runs      open {known(now.runs_open)}   stuck {known(now.runs_stuck)}",
@@ -64,10 +67,7 @@ def main(settings: Settings, watch: float | None, as_json: bool) -> None:
         while True:
             now = snapshot()
             if as_json:
-                print(orjson.dumps(now.as_dict() | {"rates": {
-                    name: (getattr(now, name) - getattr(before, name)) / max(1e-9, now.taken_at - before.taken_at)
-                    for name in ("appends_accepted", "results_accepted", "operations_applied", "results_applied")
-                }}).decode(), flush=True)
+                print(orjson.dumps(now.as_dict() | {"rates": rates(now, before)}).decode(), flush=True)
             else:
                 if watch is not None and sys.stdout.isatty():
                     print("\033[2J\033[H", end="")

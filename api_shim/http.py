@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api_shim.errors import INVALID, ApiError, from_validation, not_found
+from api_shim.repair import has_unstorable_escape, saturated, storable_escapes, too_large
 from api_shim.services import Services
 from schema.requests import BodyError, finish_thread_append, validate
 
@@ -46,23 +47,46 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def parse(body_type: type, body: bytes, statuses: dict[str, int] | None = None) -> dict[str, Any]:
     """The body validated against one of the TypedDicts of `schema.requests`; with `statuses`, the tests'
-    status strings mapped to status ids."""
+    status strings mapped to status ids. What the official CLI sends that cannot be stored as it stands is
+    repaired (api_shim/repair.py), never refused."""
     if not body.strip():
         body = b"{}"  # a complete without a body means "no options"
-    try:
-        parsed = validate(body_type, body)
-        if statuses is not None:
-            finish_thread_append(parsed, statuses)
-    except ValidationError as exc:
-        if (b"NaN" in body or b"Infinity" in body) and not _strict_json(body):
-            # pydantic's parser takes these JavaScript literals (then refuses them as numbers); they are not JSON.
-            raise ApiError(400, "The request body is not valid JSON.") from None
-        raise from_validation(exc, body) from None
-    except BodyError as exc:
-        raise ApiError(422, INVALID, exc.errors) from None
-    if b"\\u0000" in body:
-        _refuse_nul(orjson.loads(body), "")
-    return parsed
+    # Each repair removes what it repairs, so the body is validated at most three times (surrogates, then
+    # numbers, then clean); nearly every body passes the first time.
+    for _ in range(4):
+        try:
+            parsed = validate(body_type, body)
+            if statuses is not None:
+                finish_thread_append(parsed, statuses)
+        except ValidationError as exc:
+            repaired = _repaired(body, exc)
+            if repaired is None:
+                raise _refusal(exc, body) from None
+            body = repaired
+            continue
+        except BodyError as exc:
+            raise ApiError(422, INVALID, exc.errors) from None
+        if b"\\u0000" in body and (repaired := storable_escapes(body)) is not None:
+            body = repaired  # a NUL, escaped: validate the body again with U+FFFD in its place
+            continue
+        return parsed
+    raise AssertionError("a repaired body was refused again for what was repaired")
+
+
+def _repaired(body: bytes, exc: ValidationError) -> bytes | None:
+    """The body repaired for what the validator refused, if that is repairable (api_shim/repair.py)."""
+    problems = exc.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in problems):
+        return storable_escapes(body) if has_unstorable_escape(body) else None
+    too_large_at = [e["loc"] for e in problems if too_large(e["loc"], e.get("input"))]
+    return saturated(body, too_large_at) if too_large_at else None
+
+
+def _refusal(exc: ValidationError, body: bytes) -> ApiError:
+    if (b"NaN" in body or b"Infinity" in body) and not _strict_json(body):
+        # pydantic's parser takes these JavaScript literals (then refuses them as numbers); they are not JSON.
+        return ApiError(400, "The request body is not valid JSON.")
+    return from_validation(exc, body)
 
 
 def _strict_json(body: bytes) -> bool:
@@ -71,20 +95,6 @@ def _strict_json(body: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return True
-
-
-def _refuse_nul(value: Any, path: str) -> None:
-    # PostgreSQL text cannot hold NUL: refuse it here rather than fail in the worker after accepting it.
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise ApiError(422, INVALID, {path or "body": ["must not contain NUL characters"]})
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _refuse_nul(key, path)
-            _refuse_nul(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _refuse_nul(item, f"{path}.{i}" if path else str(i))
 
 
 def json_response(data: Any, status: int = 200) -> Response:

@@ -196,7 +196,7 @@ def _query_parameters() -> list[Schema]:
         {"name": "state", "in": "query", "required": False, "schema": ids,
          "description": "Alias of `status`, used when `status` is absent."},
         {"name": "tags", "in": "query", "required": False,
-         "schema": _list_query("[A-Za-z0-9_-]{1,100}", "Comma-separated tags; runs with any of them.")},
+         "schema": _list_query("[A-Za-z0-9_-]{1,750}", "Comma-separated tags; runs with any of them.")},
         {"name": "created_after", "in": "query", "required": False, "schema": moment},
         {"name": "created_before", "in": "query", "required": False, "schema": moment},
         expands,

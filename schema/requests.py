@@ -30,13 +30,21 @@ Note = Annotated[str, StringConstraints(max_length=NOTE_MAX)]
 Micros = Annotated[int, Field(ge=0, le=BIGINT_MAX)]
 Count = Annotated[int, Field(ge=0, le=INT_MAX)]
 Id = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
-Tag = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_-]+$")]
-SourceName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9-]+$")]
+# The CLI checks the patterns of tags and sources, then cuts both at STRING_MAX.
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=STRING_MAX, pattern=r"^[A-Za-z0-9_-]+$")]
+SourceName = Annotated[str, StringConstraints(min_length=1, max_length=STRING_MAX, pattern=r"^[A-Za-z0-9-]+$")]
+# A JUnit property named `string:` or ` ` reaches the server as a field with an empty name.
+FieldName = ShortText
 # Meta numbers must survive a round trip through PostgreSQL's jsonb and back out as JSON: 64-bit integers
 # (signed or not),
 # and floats small enough that jsonb does not print them back as integers wider than that.
 MetaValue = (ShortText | Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
              | Annotated[float, Field(ge=-1e15, le=1e15)] | bool | None)
+
+# Integers the official CLI can send beyond what their columns hold (JavaScript prints a JUnit time of 10^20
+# seconds as 1e+26): saturated at the column's largest value rather than refused (api_shim/repair.py).
+SATURATED = {"elapsed": BIGINT_MAX, "elapsed_observed": BIGINT_MAX, "elapsed_computed": BIGINT_MAX,
+             "line": INT_MAX, "assertions": INT_MAX, "size": BIGINT_MAX}
 
 FIELD_STRING, FIELD_TEXT, FIELD_HTML, FIELD_CONSOLE, FIELD_URL = 1, 2, 3, 4, 5
 VALUE_MAX = {FIELD_STRING: STRING_MAX, FIELD_TEXT: TEXT_MAX, FIELD_HTML: TEXT_MAX, FIELD_CONSOLE: TEXT_MAX,
@@ -48,7 +56,7 @@ STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 @with_config(STRICT)
 class CustomField(TypedDict):
     type: Annotated[int, Field(ge=FIELD_STRING, le=FIELD_URL)]
-    name: Name
+    name: FieldName
     value: Annotated[str, StringConstraints(max_length=TEXT_MAX)]  # and VALUE_MAX by type
     meta: NotRequired[Annotated[dict[ShortText, MetaValue], Field(max_length=META_KEYS_MAX)] | None]
     is_highlight: NotRequired[bool | None]
@@ -58,7 +66,7 @@ class CustomField(TypedDict):
 class Artifact(TypedDict):
     name: Name
     url: Url
-    mime_type: NotRequired[Annotated[str, StringConstraints(max_length=255)] | None]
+    mime_type: NotRequired[ShortText | None]
     size: NotRequired[Annotated[int, Field(ge=0, le=BIGINT_MAX)] | None]
     note: NotRequired[Note | None]
 

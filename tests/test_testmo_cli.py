@@ -467,3 +467,122 @@ def test_parallel_threads(cli_project: CliProject, engine: Engine, tmp_path: Pat
     assert done.returncode != 0, done.stdout
     assert "already completed" in done.stdout + done.stderr, done.stdout + done.stderr
     assert cli_project.api.run(run_id)["thread_count"] == THREADS
+
+
+# --- what the CLI cuts, and numbers beyond a column -----------------------------------------------------------
+
+# The CLI's own limits (compat.md section 1), counted as JavaScript counts: in UTF-16 code units.
+CLI_STRING, CLI_TEXT = 750, 16 * 1024
+
+
+def js_cut(s: str, start: int, end: int | None = None) -> str:
+    """JavaScript's `s.substring(start, end)`: by UTF-16 code unit, so it can split a surrogate pair."""
+    units = s.encode("utf-16-le", "surrogatepass")
+    return units[2 * start: None if end is None else 2 * end].decode("utf-16-le", "surrogatepass")
+
+
+def cli_text(s: str) -> str:
+    """The CLI's cut of a text or console value: its head and tail around a marker."""
+    length = len(s.encode("utf-16-le", "surrogatepass")) // 2
+    if length <= CLI_TEXT:
+        return s
+    part = CLI_TEXT // 2 - 10
+    return js_cut(s, 0, part) + "...\n\n[...]\n\n..." + js_cut(s, length - part)
+
+
+def as_stored_text(s: str) -> str:
+    """What the server stores for a string with lone surrogates: U+FFFD in place of each."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", s)
+
+
+def test_values_the_cli_cuts_inside_an_emoji_are_stored(cli_project: CliProject, engine: Engine,
+                                                          tmp_path: Path) -> None:
+    """A JUnit file whose long values the CLI cuts in the middle of an emoji (it sends half of the surrogate
+    pair), with numbers past what their columns hold and fields with empty names, beside ordinary tests in the
+    same batch of 250: every test is stored, with U+FFFD where the half character was."""
+    from xml.sax.saxutils import escape as xml_text
+    from xml.sax.saxutils import quoteattr
+
+    emoji = "😀"
+    cut_name = "n" * (CLI_STRING - 1) + emoji + " and the rest"  # cut after the emoji's first half
+    message = "m" * (CLI_STRING - 1) + emoji + "!"
+    # The head of a long text ends inside an emoji, and its tail starts inside another one.
+    failure = "t" * (CLI_TEXT // 2 - 11) + emoji + "x" * 9000 + emoji + "y" * (CLI_TEXT // 2 - 11)
+    output = "o" * (CLI_TEXT // 2 - 11) + emoji + "p" * 9000
+    html = "h" * (CLI_TEXT - 1) + emoji + "z"
+    url = "https://ci.example.com/" + "p" * 726 + emoji + "/shot-{i}.png"
+    fillers = [f"test_{i:03d} {emoji}" for i in range(296)]
+
+    cases = [f'<testcase classname="emoji.Fillers" name={quoteattr(name)} time="0.001"/>' for name in fillers]
+    cases.insert(10, (
+        f'<testcase classname="emoji.Cuts" name={quoteattr(cut_name)} time="0.5">'
+        f'<failure message={quoteattr(message)} type="AssertionError">{xml_text(failure)}</failure>'
+        f'<system-out>[[PROPERTY| =blank]]\n{xml_text(output)}</system-out>'
+        f'<properties><property name="html:Report" value={quoteattr(html)}/>'
+        '<property name="string:" value="empty name"/></properties>'
+        '</testcase>'))
+    # 10^20 seconds is 1e+26 microseconds as JavaScript prints it; line and assertions past 32 bits.
+    cases.insert(100, '<testcase classname="emoji.Numbers" name="huge" time="100000000000000000000" '
+                      'line="99999999999" assertions="99999999999999999999999"/>')
+    # A literal NUL, which XML forbids but the CLI's parser passes on, as `\u0000`.
+    nul_name = "nul\x00inside"
+    cases.insert(150, f'<testcase classname="emoji.Nul" name={quoteattr(nul_name)}>'
+                      '<system-out>a\x00b</system-out></testcase>')
+    # More properties and attachments than the CLI sends for one test: it keeps 24 of each.
+    attachments = "\n".join(f"[[ATTACHMENT|{url.format(i=i)}]]" for i in range(30))
+    properties = "".join(f'<property name="prop-{i}" value="v{i}"/>' for i in range(30))
+    cases.insert(200, f'<testcase classname="emoji.Many" name="many"><system-out>{xml_text(attachments)}'
+                      f'</system-out><properties>{properties}</properties></testcase>')
+    report = tmp_path / "emoji.xml"
+    report.write_text('<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="emoji">'
+                      + "".join(cases) + "</testsuite>\n", encoding="utf-8")
+
+    stdout = cli_project.cli.run("automation:run:submit", "--project-id", str(cli_project.id),
+                                 "--name", "Cut inside an emoji", "--source", "unicode", "--results", str(report))
+    run_id = printed_run_id(stdout)
+    run = cli_project.api.wait_completed(run_id, timeout=60)
+    assert (run["total_count"], run["failure_count"], run["success_count"]) == (300, 1, 299)
+    assert run["status1_count"] == 299 and run["status2_count"] == 1 and run["completed_count"] == 300
+    assert run["elapsed"] == run["threads"][0]["elapsed"] == 2**63 - 1  # the sum of times includes 1e+26
+    assert dead_letters(engine, run_id) == []
+
+    with engine.connect() as conn:
+        rows = {r.key: r for r in conn.execute(text(
+            "SELECT key, name, folder, status_id, elapsed, line, assertions, fields, artifacts "
+            "FROM automation_results WHERE run_id = :r"), {"r": run_id})}
+
+    def key(folder: str, name: str) -> str:
+        return hashlib.sha256(f"{folder}.{name}".encode()).hexdigest()  # of the whole name, before the cut
+
+    assert len(rows) == 300
+    for name in fillers:
+        assert rows[key("emoji.Fillers", name)].name == name
+
+    cut = rows[key("emoji.Cuts", cut_name)]
+    assert cut.name == "n" * (CLI_STRING - 1) + "\ufffd"
+    assert (cut.folder, cut.status_id, cut.elapsed) == ("emoji.Cuts", 3, 500_000)
+    assert cut.fields == [
+        {"type": 4, "name": "Failure", "value": as_stored_text(cli_text(failure)), "is_highlight": True,
+         "meta": {"message": "m" * (CLI_STRING - 1) + "\ufffd", "type": "AssertionError"}},
+        {"type": 4, "name": "Output", "value": as_stored_text(cli_text(output)), "is_highlight": False},
+        {"type": 1, "name": "", "value": "blank", "is_highlight": False},
+        {"type": 3, "name": "Report", "value": "h" * (CLI_TEXT - 1) + "\ufffd", "is_highlight": False},
+        {"type": 1, "name": "", "value": "empty name", "is_highlight": False},
+    ]
+    # Both ends of the failure text were cut inside an emoji.
+    assert cut.fields[0]["value"].startswith("t" * (CLI_TEXT // 2 - 11) + "\ufffd...")
+    assert cut.fields[0]["value"].endswith("...\ufffd" + "y" * (CLI_TEXT // 2 - 11))
+
+    nul = rows[key("emoji.Nul", nul_name)]
+    assert nul.name == "nul\ufffdinside"
+    assert nul.fields == [{"type": 4, "name": "Output", "value": "a\ufffdb", "is_highlight": False}]
+
+    huge = rows[key("emoji.Numbers", "huge")]
+    assert (huge.elapsed, huge.line, huge.assertions) == (2**63 - 1, 2**31 - 1, 2**31 - 1)
+
+    many = rows[key("emoji.Many", "many")]
+    assert many.fields == [{"type": 1, "name": f"prop-{i}", "value": f"v{i}", "is_highlight": False}
+                           for i in range(24)]
+    assert many.artifacts == [{"name": f"shot-{i}.png", "url": as_stored_text(js_cut(url.format(i=i), 0, 750)),
+                               "mime_type": "image/png"} for i in range(24)]
+    assert all(a["url"].endswith("p\ufffd") for a in many.artifacts)

@@ -30,6 +30,12 @@ async def runs_collection(request: Request) -> Response:
     return await reads.list_runs(request)
 
 
+async def threads_collection(request: Request) -> Response:
+    if request.method == "POST":
+        return await writes.create_thread(request)
+    return await reads.list_threads(request)
+
+
 routes = [
     Route("/healthz", observe.healthz, methods=["GET"]),
     Route("/readyz", observe.readyz, methods=["GET"]),
@@ -40,7 +46,7 @@ routes = [
     Route(f"{API}/automation/runs/{{run_id:int}}", reads.get_run, methods=["GET"]),
     Route(f"{API}/automation/runs/{{run_id:int}}/append", writes.run_append, methods=["POST"]),
     Route(f"{API}/automation/runs/{{run_id:int}}/complete", writes.run_complete, methods=["POST"]),
-    Route(f"{API}/automation/runs/{{run_id:int}}/threads", writes.create_thread, methods=["POST"]),
+    Route(f"{API}/automation/runs/{{run_id:int}}/threads", threads_collection, methods=["GET", "POST"]),
     Route(f"{API}/automation/runs/threads/{{thread_id:int}}/append", writes.thread_append, methods=["POST"]),
     Route(f"{API}/automation/runs/threads/{{thread_id:int}}/complete", writes.thread_complete,
           methods=["POST"]),

@@ -16,9 +16,13 @@ R = TypeVar("R")
 
 class GroupCommit(Generic[T, R]):
     def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]], max_items: int,
-                 max_bytes: int = 0, size: Callable[[T], int] = lambda _: 0) -> None:
-        """`flush` takes a batch and returns one result per item, in order."""
+                 max_bytes: int = 0, size: Callable[[T], int] = lambda _: 0,
+                 shared: tuple[type[BaseException], ...] = ()) -> None:
+        """`flush` takes a batch and returns one result per item, in order. An exception of a `shared` type
+        (a dependency down) fails the whole batch; any other one may be one item's fault, so the items are
+        flushed again one by one and only the failing ones fail."""
         self.flush = flush
+        self.shared = shared
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.size = size
@@ -40,13 +44,26 @@ class GroupCommit(Generic[T, R]):
                 try:
                     results = await self.flush([item for item, _ in batch])
                 except Exception as exc:
-                    for _, future in batch:
-                        future.set_exception(exc)
+                    if len(batch) == 1 or isinstance(exc, self.shared):
+                        for _, future in batch:
+                            future.set_exception(exc)
+                    else:
+                        for one in batch:
+                            await self._flush_alone(one)
                     continue
                 for (_, future), result in zip(batch, results, strict=True):
                     future.set_result(result)
         finally:
             self._task = None
+
+    async def _flush_alone(self, entry: tuple[T, "asyncio.Future[R]"]) -> None:
+        item, future = entry
+        try:
+            [result] = await self.flush([item])
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
     def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
         total = 0

@@ -3,15 +3,17 @@
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import orjson
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api_shim.errors import INVALID, ApiError, from_validation, not_found
-from api_shim.repair import has_unstorable_escape, saturated, storable_escapes, too_large
+from api_shim import problems
+from api_shim.errors import NOT_JSON, ApiError, invalid_body, not_found
+from api_shim.problems import NotAnObject, field_path
+from api_shim.repair import has_unstorable_escape, saturated, storable_escapes
 from api_shim.services import Services
-from schema.requests import BodyError, finish_thread_append, validate
+from schema.requests import Body, BodyError, validate
 
 BIGINT_MAX = 2**63 - 1
 
@@ -45,27 +47,28 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse(body_type: type, body: bytes, statuses: dict[str, int] | None = None) -> dict[str, Any]:
-    """The body validated against one of the TypedDicts of `schema.requests`; with `statuses`, the tests'
-    status strings mapped to status ids. What the official CLI sends that cannot be stored as it stands is
-    repaired (api_shim/repair.py), never refused."""
+async def parse(body_type: type[Body], body: bytes, statuses: dict[str, int] | None = None) -> dict[str, Any]:
+    """The body validated against one of the Structs of `schema.requests`, as the fields of its queued
+    operation (`schema.requests.validate`). What the official CLI sends that cannot be stored as it stands is
+    repaired (api_shim/repair.py), never refused; anything else wrong is a 400 or a 422 listing the problems."""
     if not body.strip():
         body = b"{}"  # a complete without a body means "no options"
     # Each repair removes what it repairs, so the body is validated at most three times (surrogates, then
     # numbers, then clean); nearly every body passes the first time.
     for _ in range(4):
         try:
-            parsed = validate(body_type, body)
-            if statuses is not None:
-                finish_thread_append(parsed, statuses)
-        except ValidationError as exc:
-            repaired = _repaired(body, exc)
+            parsed = validate(body_type, body, statuses)
+        except msgspec.ValidationError as exc:  # (a DecodeError too: it comes first)
+            body = await _saturated_or_refused(body_type, body, exc)
+            continue
+        except (msgspec.DecodeError, RecursionError):
+            repaired = storable_escapes(body) if has_unstorable_escape(body) else None
             if repaired is None:
-                raise _refusal(exc, body) from None
+                raise ApiError(400, NOT_JSON) from None
             body = repaired
             continue
         except BodyError as exc:
-            raise ApiError(422, INVALID, exc.errors) from None
+            raise invalid_body(exc.errors) from None
         if b"\\u0000" in body and (repaired := storable_escapes(body)) is not None:
             body = repaired  # a NUL, escaped: validate the body again with U+FFFD in its place
             continue
@@ -73,28 +76,19 @@ def parse(body_type: type, body: bytes, statuses: dict[str, int] | None = None) 
     raise AssertionError("a repaired body was refused again for what was repaired")
 
 
-def _repaired(body: bytes, exc: ValidationError) -> bytes | None:
-    """The body repaired for what the validator refused, if that is repairable (api_shim/repair.py)."""
-    problems = exc.errors(include_url=False)
-    if any(e["type"] == "json_invalid" for e in problems):
-        return storable_escapes(body) if has_unstorable_escape(body) else None
-    too_large_at = [e["loc"] for e in problems if too_large(e["loc"], e.get("input"))]
-    return saturated(body, too_large_at) if too_large_at else None
-
-
-def _refusal(exc: ValidationError, body: bytes) -> ApiError:
-    if (b"NaN" in body or b"Infinity" in body) and not _strict_json(body):
-        # pydantic's parser takes these JavaScript literals (then refuses them as numbers); they are not JSON.
-        return ApiError(400, "The request body is not valid JSON.")
-    return from_validation(exc, body)
-
-
-def _strict_json(body: bytes) -> bool:
+async def _saturated_or_refused(body_type: type[Body], body: bytes, exc: msgspec.ValidationError) -> bytes:
+    """The body with its too large integers saturated, or (there are none) the 422 that lists its problems."""
     try:
-        orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    return True
+        found = await problems.find(body_type, body)
+    except NotAnObject:
+        raise ApiError(400, "The request body must be a JSON object.") from None
+    except (msgspec.DecodeError, RecursionError):
+        raise ApiError(400, NOT_JSON) from None
+    if found.too_large and (repaired := saturated(body, found.too_large)) is not None:
+        return repaired
+    if not found.errors:  # the walk and the decoder disagree: the decoder's own word, at its path
+        found.add((field_path(str(exc)),), str(exc).split(" - at ")[0])
+    raise invalid_body(found.errors, found.more)
 
 
 def json_response(data: Any, status: int = 200) -> Response:

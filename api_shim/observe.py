@@ -8,6 +8,7 @@ them with max(), not sum(). This process's own HTTP figures are per process, to 
 import asyncio
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -70,10 +71,15 @@ class Observe:
                     "duration_ms": round(seconds * 1000, 2)})
 
 
+# A client's request id is kept only if it is plainly an id: it is echoed, logged and carried in operations,
+# and must never be anything a reader could take for structure.
+_SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
-        if name == b"x-request-id" and 0 < len(value) <= 64 and value.isascii():
-            return str(value.decode(errors="replace"))
+        if name == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
+            return str(value.decode())
     return secrets.token_hex(8)
 
 

@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document of the whole API, served at `GET /openapi.json`.
 
-Built from the code where it can be: request bodies are the JSON schemas of `schema.requests.ADAPTERS` (the
-very TypeAdapters that validate them), counters come from `schema.statuses.COUNT_COLUMNS`, the list endpoint's
+Built from the code where it can be: request bodies are the JSON schemas of `schema.requests.BODIES` (the
+very Structs that validate them), counters come from `schema.statuses.COUNT_COLUMNS`, the list endpoint's
 choices from `api_shim.reads`, and the limits from `schema.requests`. The response objects are described here,
 after `api_shim.reads` (compat.md section 2); `tests/test_fuzz.py` checks real responses against them.
 """
@@ -9,12 +9,13 @@ after `api_shim.reads` (compat.md section 2); `tests/test_fuzz.py` checks real r
 from functools import cache
 from typing import Any
 
+import msgspec
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api_shim.reads import EXPANDS, PER_PAGE, SORTS
-from schema.requests import ADAPTERS, BIGINT_MAX
+from api_shim.reads import EXPANDS, PER_PAGE, SORTS, THREAD_EXPANDS
+from schema.requests import BIGINT_MAX, BODIES
 from schema.statuses import COUNT_COLUMNS, RUN_STATUS_FAILED, RUN_STATUS_PASSED, RUN_STATUS_RUNNING
 
 API = "/api/v1"
@@ -55,17 +56,9 @@ COUNTERS: dict[str, Schema] = {name: COUNT for name in (*COUNT_COLUMNS, "success
 
 
 def _request_bodies() -> tuple[dict[str, Schema], dict[str, str]]:
-    """The request TypedDicts' JSON schemas, their `$defs` collected into components: (schemas, body names)."""
-    schemas: dict[str, Schema] = {}
-    names: dict[str, str] = {}
-    for body_type, adapter in ADAPTERS.items():
-        schema: Schema = adapter.json_schema(ref_template=REF)
-        for name, definition in schema.pop("$defs", {}).items():
-            if schemas.setdefault(name, definition) != definition:
-                raise RuntimeError(f"two request schemas define {name} differently")
-        names[body_type.__name__] = schema.get("title", body_type.__name__)
-        schemas[names[body_type.__name__]] = schema
-    return schemas, names
+    """The request Structs' JSON schemas, with the Structs they use, as components: (schemas, body names)."""
+    _, schemas = msgspec.json.schema_components(BODIES, ref_template=REF.replace("{model}", "{name}"))
+    return schemas, {body.__name__: body.__name__ for body in BODIES}
 
 
 def _response_schemas() -> dict[str, Schema]:
@@ -118,6 +111,11 @@ def _response_schemas() -> dict[str, Schema]:
         "Thread": _object(thread),
         "RunWithThreads": _object(run | {"threads": _list(_ref("Thread"))}),
         "RunResponse": _object({"result": _ref("RunWithThreads"), "expands": _ref("Expands")}),
+        "ThreadPage": _object({
+            "page": page, "prev_page": page, "next_page": page, "last_page": page,
+            "per_page": {"type": "integer", "enum": list(PER_PAGE)}, "total": COUNT,
+            "result": _list(_ref("Thread")), "expands": _ref("Expands"),
+        }),
         "RunPage": _object({
             "page": page, "prev_page": page, "next_page": page, "last_page": page,
             "per_page": {"type": "integer", "enum": list(PER_PAGE)}, "total": COUNT,
@@ -250,7 +248,7 @@ def document() -> dict[str, Any]:
             f"{API}/automation/runs/{{run_id}}": {
                 "parameters": [_path_id("run_id", "run")],
                 "get": {
-                    "summary": "One automation run, with its threads", "operationId": "getRun",
+                    "summary": "One automation run, with its first 100 threads", "operationId": "getRun",
                     "parameters": expands_only,
                     "responses": {"200": _json(_ref("RunResponse"), "The run."),
                                   **_errors(401, 403, 404, 422, 503)},
@@ -268,7 +266,16 @@ def document() -> dict[str, Any]:
             },
             f"{API}/automation/runs/{{run_id}}/threads": {
                 "parameters": [_path_id("run_id", "run")],
-                "post": _post("Create a thread in a run", "createThread", body["ThreadCreate"], True, write),
+                "get": {
+                    "summary": "A run's threads, a page at a time (this server's addition)",
+                    "operationId": "listThreads",
+                    "parameters": [p for p in _query_parameters() if p["name"] in ("page", "per_page")] + [
+                        {"name": "expands", "in": "query", "required": False,
+                         "schema": _list_query(f"({'|'.join(THREAD_EXPANDS)})", "Comma-separated expands.")}],
+                    "responses": {"200": _json(_ref("ThreadPage"), "A page of threads, oldest first."),
+                                  **_errors(401, 403, 404, 422, 503)},
+                },
+                "post": _post("Create a thread in a run", "createThread", body["ThreadCreate"], True, shed),
             },
             f"{API}/automation/runs/threads/{{thread_id}}/append": {
                 "parameters": [_path_id("thread_id", "thread")],

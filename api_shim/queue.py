@@ -7,8 +7,9 @@ them). Lua scripts do both, so that checking a thread is still open, counting th
 are one atomic step: no append can slip in between a complete and the count the complete records.
 
 Per run and per thread a Redis hash keeps the state the hot path needs:
-  run:    project, closed ("0"/"1"), ops (operations accepted on the run, its threads' included)
-  thread: run, project, closed, appends (appends accepted)
+  run:    project, closed ("0"/"1"), ops (operations accepted on the run, its threads' included),
+          fields, links, artifacts, bytes (the resources accepted on the run itself, and their JSON bytes)
+  thread: run, project, closed, appends (appends accepted), fields, artifacts, bytes
 A missing hash is rebuilt from PostgreSQL (see `state.py`); keys of open objects are refreshed on every
 use, so a key only expires once nothing can be in flight for it.
 """
@@ -18,7 +19,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 from redis.asyncio import Redis
@@ -33,11 +34,15 @@ from schema.messages import (
     run_key,
     thread_key,
 )
+from schema.requests import OBJECT_BYTES_MAX, OBJECT_ITEMS_MAX
 from schema.status import STATS_KEY
 
-# Lua splices the count a complete records into its payload where this number stands.
-EXPECTED_PLACEHOLDER = -7_777_777_777
-_PLACEHOLDER_BYTES = str(EXPECTED_PLACEHOLDER).encode()
+# The caps on what a run and a thread hold over all their appends (schema.requests), in the scripts' form
+# "fields:links:artifacts:bytes". Threads carry no links.
+RUN_CAPS = f"{OBJECT_ITEMS_MAX}:{OBJECT_ITEMS_MAX}:{OBJECT_ITEMS_MAX}:{OBJECT_BYTES_MAX}"
+THREAD_CAPS = f"{OBJECT_ITEMS_MAX}:0:{OBJECT_ITEMS_MAX}:{OBJECT_BYTES_MAX}"
+NO_RESOURCES = "0:0:0:0"
+
 _ORIGIN = f"ingest-shim@{socket.gethostname()}:{os.getpid()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
@@ -55,6 +60,25 @@ local function full()
   return (messages > 0 and redis.call('LLEN', KEYS[1]) >= messages)
       or (bytes > 0 and tonumber(redis.call('HGET', KEYS[4], 'queued_bytes') or '0') >= bytes)
 end
+-- Resources a run or thread would hold with `add` ("fields:links:artifacts:bytes") on top of `held` (its
+-- hash's counts, or what this script already added): the new counts, or nil and the cap it would pass.
+-- ARGV[3 + 1] of each script that calls it carries the caps in the same form.
+local function grow(hash, held, add, caps)
+  local names = {'fields', 'links', 'artifacts', 'bytes'}
+  local adds, limits = {}, {}
+  for n in string.gmatch(add, '%d+') do adds[#adds + 1] = tonumber(n) end
+  for n in string.gmatch(caps, '%d+') do limits[#limits + 1] = tonumber(n) end
+  local now = {}
+  for i = 1, 4 do
+    local base = held and held[i] or tonumber(redis.call('HGET', hash, names[i]) or '0')
+    now[i] = base + adds[i]
+    if adds[i] > 0 and now[i] > limits[i] then return nil, names[i] end
+  end
+  return now
+end
+local function keep(hash, now)
+  redis.call('HSET', hash, 'fields', now[1], 'links', now[2], 'artifacts', now[3], 'bytes', now[4])
+end
 local function enqueue(payload)
   redis.call('SET', KEYS[3], payload)
   redis.call('HINCRBY', KEYS[4], 'queued_bytes', string.len(payload))
@@ -65,16 +89,20 @@ end
 
 # A batch of thread operations: appends ('a') and completes ('c'), in the order they were accepted.
 # KEYS[5..]: a (run, thread) pair per operation.
-# ARGV[4..]: open ttl, closed ttl, kinds ("aac..."), results in the appends, then the payload in pieces: the
-#            number of appends each complete found accepted before it goes between the pieces.
+# ARGV[4..]: open ttl, closed ttl, kinds ("aac..."), results in the appends, caps of a thread's resources,
+#            each op's resources ("f:l:a:b," per op, "," for none), then the payload in pieces: the number
+#            of appends each complete found accepted before it goes between the pieces.
 # Enqueues the batch only if every operation may go; otherwise enqueues nothing and returns a verdict
 # per operation: 'ok' (may go), 'missing' (Redis lost the state), 'closed' (an append to a completed thread
-# or run), 'done' (a complete of a completed thread or run), 'busy' (an append while the queue is full).
+# or run), 'done' (a complete of a completed thread or run), 'busy' (an append while the queue is full),
+# 'full:<what>' (an append that would take its thread past the cap on its fields, artifacts or bytes).
 _THREADS = _PRELUDE + """
 local kinds = ARGV[6]
 local n = #kinds
 local busy = string.find(kinds, 'a', 1, true) and full()
 local verdicts, blocked, closing = {}, false, {}
+local resources, grown = {}, {}
+for part in string.gmatch(ARGV[9], '([^,]*),') do resources[#resources + 1] = part end
 for i = 1, n do
   local run, thread = KEYS[2 * i + 3], KEYS[2 * i + 4]
   local run_closed = redis.call('HGET', run, 'closed')
@@ -85,7 +113,12 @@ for i = 1, n do
   elseif run_closed == '1' or thread_closed == '1' or closing[thread] then
     verdict = string.sub(kinds, i, i) == 'a' and 'closed' or 'done'
   elseif string.sub(kinds, i, i) == 'a' then
-    if busy then verdict = 'busy' end
+    if busy then
+      verdict = 'busy'
+    elseif resources[i] ~= '' then
+      local now, over = grow(thread, grown[thread], resources[i], ARGV[8])
+      if now then grown[thread] = now else verdict = 'full:' .. over end
+    end
   else
     closing[thread] = true
   end
@@ -93,7 +126,8 @@ for i = 1, n do
   verdicts[i] = verdict
 end
 if blocked then return verdicts end
-local payload, piece, appends = {ARGV[8]}, 9, 0
+for thread, now in pairs(grown) do keep(thread, now) end
+local payload, piece, appends = {ARGV[10]}, 11, 0
 for i = 1, n do
   local run, thread = KEYS[2 * i + 3], KEYS[2 * i + 4]
   redis.call('HINCRBY', run, 'ops', 1)
@@ -118,12 +152,15 @@ end
 return 'ok'
 """
 
-# KEYS[5]: run. ARGV[4..]: payload, open ttl.
+# KEYS[5]: run. ARGV[4..]: payload, open ttl, caps of a run's resources, this append's resources ("f:l:a:b").
 _RUN_APPEND = _PRELUDE + """
 if full() then return 'busy' end
 local closed = redis.call('HGET', KEYS[5], 'closed')
 if not closed then return 'missing' end
 if closed == '1' then return 'closed' end
+local now, over = grow(KEYS[5], nil, ARGV[7], ARGV[6])
+if not now then return 'full:' .. over end
+keep(KEYS[5], now)
 redis.call('HINCRBY', KEYS[5], 'ops', 1)
 redis.call('EXPIRE', KEYS[5], ARGV[5])
 enqueue(ARGV[4])
@@ -163,11 +200,35 @@ return 1
 class ThreadOp:
     """A thread append or complete, serialised, waiting to be batched."""
 
-    kind: str  # "a" (append) or "c" (complete, whose `expected` holds EXPECTED_PLACEHOLDER)
+    kind: str  # "a" (append) or "c" (complete: Lua adds its `expected`, the count it finds accepted before it)
     run_id: int
     thread_id: int
     op: bytes
     results: int = 0
+    resources: str = ""  # "fields:links:artifacts:bytes" an append adds to its thread (resources_of)
+
+
+def resources_of(body: dict[str, Any]) -> tuple[str, int]:
+    """What an append or create adds to its run's or thread's resources, in the form the scripts take
+    ("fields:links:artifacts:bytes", "" for nothing), and its bytes."""
+    parts = [body.get(name) or () for name in ("fields", "links", "artifacts")]
+    if not any(parts):
+        return "", 0
+    size = sum(len(orjson.dumps(part)) for part in parts if part)
+    return ":".join(str(len(part)) for part in parts) + f":{size}", size
+
+
+class Held(TypedDict):
+    fields: int
+    links: int
+    artifacts: int
+    bytes: int
+
+
+def held(resources: str) -> Held:
+    """The counts of a new run's or thread's state hash for the resources it was created with."""
+    fields, links, artifacts, size = (int(n) for n in (resources or NO_RESOURCES).split(":"))
+    return Held(fields=fields, links=links, artifacts=artifacts, bytes=size)
 
 
 def celery_message(queue: str, key: str) -> bytes:
@@ -200,9 +261,14 @@ def new_batch(queue: str, high_water: int = 0, high_water_bytes: int = 0) -> tup
     return [queue, pending_key(queue), key, STATS_KEY], [celery_message(queue, key), high_water, high_water_bytes]
 
 
-def _split_at_placeholder(payload: bytes) -> tuple[bytes, bytes]:
-    before, after = payload.split(_PLACEHOLDER_BYTES)
-    return before, after
+def around_expected(op: bytes) -> tuple[bytes, bytes]:
+    """A complete's JSON object in two pieces, between which Lua writes the count it records as `expected`.
+
+    The count goes last, outside anything the client sent, so no request id or name can ever be taken for
+    the place where it goes."""
+    if not op.endswith(b"}"):
+        raise ValueError("a complete's operation must be one JSON object")
+    return op[:-1] + b',"expected":', b"}"
 
 
 class Queue:
@@ -224,13 +290,12 @@ class Queue:
         keys, args = self._batch()
         for op in ops:
             keys += [run_key(op.run_id), thread_key(op.thread_id)]
-        # The payload is the JSON list of the ops, cut where each complete's count goes. Only a complete's
-        # own bytes are searched for the placeholder: an append's user data could contain those digits.
+        # The payload is the JSON list of the ops, cut where each complete's count goes.
         pieces = []
         current = [b"["]
         for op in ops:
             if op.kind == "c":
-                before, after = _split_at_placeholder(op.op)
+                before, after = around_expected(op.op)
                 current.append(before)
                 pieces.append(b"".join(current))
                 current = [after]
@@ -241,21 +306,24 @@ class Queue:
         pieces.append(b"".join(current))
         kinds = "".join(op.kind for op in ops)
         results = sum(op.results for op in ops)
-        args += [OPEN_TTL_SECONDS, CLOSED_TTL_SECONDS, kinds, results, *pieces]
+        resources = "".join(op.resources + "," for op in ops)
+        args += [OPEN_TTL_SECONDS, CLOSED_TTL_SECONDS, kinds, results, THREAD_CAPS, resources, *pieces]
         verdict = await self._threads(keys=keys, args=args)
         if isinstance(verdict, bytes):
             return verdict.decode()
         return [v.decode() for v in verdict]
 
-    async def run_append(self, op: Any) -> str:
+    async def run_append(self, op: Any, resources: str) -> str:
         keys, args = self._batch()
         verdict = await self._run_append(keys=[*keys, run_key(op["run_id"])],
-                                         args=[*args, orjson.dumps([op]), OPEN_TTL_SECONDS])
+                                         args=[*args, orjson.dumps([op]), OPEN_TTL_SECONDS, RUN_CAPS,
+                                               resources or NO_RESOURCES])
         return str(verdict.decode())
 
     async def run_complete(self, op: Any) -> str:
         keys, args = self._batch()
-        before, after = _split_at_placeholder(orjson.dumps([op]))
+        before, after = around_expected(orjson.dumps(op))
+        before, after = b"[" + before, after + b"]"
         verdict = await self._run_complete(keys=[*keys, run_key(op["run_id"])],
                                            args=[*args, before, after, CLOSED_TTL_SECONDS])
         return str(verdict.decode())

@@ -5,7 +5,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+import msgspec
 from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import QueryParams
@@ -18,10 +18,13 @@ from schema.requests import Tag
 from schema.statuses import COUNT_COLUMNS, Status
 
 PER_PAGE = (15, 25, 50, 100)
+# A run's GET carries its first threads only, so that it stays small for a run of 10,000 threads; all of them
+# are listed, a page at a time, by GET /automation/runs/{id}/threads.
+EMBEDDED_THREADS = 100
+THREAD_EXPANDS = ("statuses", "users")
 EXPANDS = ("automation_sources", "configs", "milestones", "statuses", "users")
 SORTS = {"automation_runs:created_at": "created_at"}
 ID_FILTERS = ("config_id", "created_by", "milestone_id", "source_id")
-_TAGS = TypeAdapter(list[Tag])
 
 _COUNTS = ", ".join(COUNT_COLUMNS)
 RUN_COLUMNS = (
@@ -85,14 +88,14 @@ def status_json(s: Status) -> dict[str, Any]:
             "is_failed": s.is_failed, "aliases": list(s.aliases)}
 
 
-def parse_expands(params: QueryParams) -> list[str]:
+def parse_expands(params: QueryParams, accepted: Sequence[str] = EXPANDS) -> list[str]:
     raw = params.get("expands", "")
     # Each name once, in the order first given: a name repeated ten thousand times is one query, not 10,000.
     names = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
-    unknown = [n for n in names if n not in EXPANDS]
+    unknown = [n for n in names if n not in accepted]
     if unknown:
         raise ApiError(422, INVALID, {"expands": [
-            f"Unknown expand '{n[:100]}'; accepted: {', '.join(EXPANDS)}." for n in unknown[:10]]})
+            f"Unknown expand '{n[:100]}'; accepted: {', '.join(accepted)}." for n in unknown[:10]]})
     return names
 
 
@@ -144,8 +147,8 @@ async def get_run(request: Request) -> Response:
         principal.authorize(run["project_id"])
         expands = parse_expands(request.query_params)
         threads = (await conn.execute(text(
-            f"SELECT {THREAD_COLUMNS} FROM automation_run_threads WHERE run_id = :id ORDER BY id"),
-            {"id": run_id})).mappings().all()
+            f"SELECT {THREAD_COLUMNS} FROM automation_run_threads WHERE run_id = :id ORDER BY id LIMIT :n"),
+            {"id": run_id, "n": EMBEDDED_THREADS})).mappings().all()
         statuses = s.statuses.statuses
         result = run_json(run, statuses) | {"threads": [thread_json(t, statuses) for t in threads]}
         return json_response({"result": result,
@@ -174,8 +177,8 @@ def _tags(params: QueryParams, errors: dict[str, list[str]]) -> list[str] | None
     if not tags:
         return None
     try:
-        return _TAGS.validate_python(tags)
-    except ValidationError:
+        return msgspec.convert(tags, list[Tag])
+    except msgspec.ValidationError:
         errors["tags"] = ["must be a comma-separated list of tags (letters, digits, underscore and dash)"]
         return None
 
@@ -263,14 +266,55 @@ async def list_runs(request: Request) -> Response:
             f"ORDER BY {SORTS[sort]} {order}, id {order} LIMIT :limit OFFSET :offset"),
             binds | {"limit": per_page, "offset": (page - 1) * per_page})).mappings().all()
         statuses = s.statuses.statuses
-        last_page = math.ceil(total / per_page) if total else None
-        return json_response({
-            "page": page if total else None,
-            "prev_page": page - 1 if total and page > 1 else None,
-            "next_page": page + 1 if last_page and page < last_page else None,
-            "last_page": last_page,
-            "per_page": per_page,
-            "total": total,
-            "result": [run_json(r, statuses) for r in rows],
-            "expands": await build_expands(conn, expands, rows, statuses),
-        })
+        return json_response(page_of(page, per_page, total, [run_json(r, statuses) for r in rows],
+                                     await build_expands(conn, expands, rows, statuses)))
+
+
+def page_of(page: int, per_page: int, total: int, result: list[Any], expands: dict[str, Any]) -> dict[str, Any]:
+    """The list envelope (compat.md section 4)."""
+    last_page = math.ceil(total / per_page) if total else None
+    return {
+        "page": page if total else None,
+        "prev_page": page - 1 if total and page > 1 else None,
+        "next_page": page + 1 if last_page and page < last_page else None,
+        "last_page": last_page,
+        "per_page": per_page,
+        "total": total,
+        "result": result,
+        "expands": expands,
+    }
+
+
+async def list_threads(request: Request) -> Response:
+    """A run's threads, a page at a time, in the order they were created (our addition to the API)."""
+    s = services(request)
+    principal = await s.auth.authenticate(request.headers.get("authorization"))
+    run_id = path_id(request, "run_id", "Run")
+    async with s.engine.connect() as conn:
+        project_id = (await conn.execute(text("SELECT project_id FROM automation_runs WHERE id = :id"),
+                                         {"id": run_id})).scalar()
+        if project_id is None:
+            raise not_found("Run")
+        principal.authorize(project_id)
+        params = request.query_params
+        errors: dict[str, list[str]] = {}
+        page = _positive(params, "page", 1, errors)
+        per_page = _positive(params, "per_page", 100, errors)
+        if "per_page" not in errors and per_page not in PER_PAGE:
+            errors["per_page"] = [f"must be one of {', '.join(map(str, PER_PAGE))}"]
+        try:
+            expands = parse_expands(params, THREAD_EXPANDS)
+        except ApiError as exc:
+            errors.update((name, list(problems)) for name, problems in (exc.errors or {}).items())
+            expands = []
+        if errors:
+            raise ApiError(422, INVALID, errors)
+        total = (await conn.execute(text("SELECT count(*) FROM automation_run_threads WHERE run_id = :id"),
+                                    {"id": run_id})).scalar_one()
+        threads = (await conn.execute(text(
+            f"SELECT {THREAD_COLUMNS} FROM automation_run_threads WHERE run_id = :id "
+            "ORDER BY id LIMIT :limit OFFSET :offset"),
+            {"id": run_id, "limit": per_page, "offset": (page - 1) * per_page})).mappings().all()
+        statuses = s.statuses.statuses
+        return json_response(page_of(page, per_page, total, [thread_json(t, statuses) for t in threads],
+                                     await build_expands(conn, expands, [], statuses, threads)))

@@ -5,11 +5,14 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
+import redis.exceptions
+import sqlalchemy.exc
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from api_shim import problems
 from api_shim.auth import Authenticator
 from api_shim.batcher import GroupCommit
 from api_shim.queue import Queue, ThreadOp
@@ -22,6 +25,10 @@ from schema.statuses import DEFAULT_STATUSES, Status, alias_map
 log = logging.getLogger(__name__)
 
 STATUS_REFRESH_SECONDS = 30.0
+# Errors that say a dependency is down, not that one request is at fault: a group commit fails all its members.
+DEPENDENCY_DOWN: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError)
 # How much one group commit carries at most: thread appends and completes in one message, threads created
 # in one insert.
 BATCH_OPS = 200
@@ -87,13 +94,14 @@ class Services:
             settings, engine, redis, queue, state, Authenticator(redis, engine, settings.auth_cache_seconds),
             StatusTable(),
             thread_ops=GroupCommit(queue.thread_ops_with_retry, max_items=BATCH_OPS, max_bytes=BATCH_BYTES,
-                                   size=lambda op: len(op.op)),
+                                   size=lambda op: len(op.op), shared=DEPENDENCY_DOWN),
             thread_creates=GroupCommit(lambda batch: create_threads(engine, queue, state, batch),
-                                       max_items=BATCH_THREADS),
+                                       max_items=BATCH_THREADS, shared=DEPENDENCY_DOWN),
         )
 
     async def start(self) -> None:
         quiet_gc()
+        problems.start()
         try:
             await self.statuses.refresh(self.engine)
         except Exception as exc:  # the database may be down at start; the defaults serve until it is back
@@ -113,6 +121,7 @@ class Services:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        problems.close()
         await self.redis.aclose()
         await self.engine.dispose()
         if self._sync_redis is not None:

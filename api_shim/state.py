@@ -14,6 +14,10 @@ from api_shim.queue import Queue
 from schema.messages import run_key, thread_key
 
 MAX_CACHED = 200_000
+# What a run or thread holds, for the caps the queue scripts keep (api_shim.queue.resources_of): jsonb prints
+# a little wider than the compact JSON counted on the way in, so a rebuilt count errs on the safe side.
+_HELD = ("jsonb_array_length(fields), {links}, jsonb_array_length(artifacts), "
+         "octet_length(({all})::text) - 2")
 
 
 @dataclass(frozen=True)
@@ -71,19 +75,23 @@ class State:
         """Refill the run's Redis state from the database; its project, or None if there is no such run."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(text(
-                "SELECT project_id, is_completed OR ops_expected IS NOT NULL, ops_applied "
+                "SELECT project_id, is_completed OR ops_expected IS NOT NULL, ops_applied, "
+                f"  {_HELD.format(links='jsonb_array_length(links)', all='fields || links || artifacts')} "
                 "FROM automation_runs WHERE id = :id"), {"id": run_id})).first()
         if row is None:
             return None
-        await self.queue.fill(run_key(run_id), closed=row[1], project=row[0], ops=row[2])
+        await self.queue.fill(run_key(run_id), closed=row[1], project=row[0], ops=row[2],
+                              fields=row[3], links=row[4], artifacts=row[5], bytes=row[6])
         return int(row[0])
 
     async def rebuild_thread(self, thread_id: int) -> ThreadRef | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(text(
-                "SELECT run_id, project_id, is_completed OR appends_expected IS NOT NULL, appends_applied "
+                "SELECT run_id, project_id, is_completed OR appends_expected IS NOT NULL, appends_applied, "
+                f"  {_HELD.format(links='0', all='fields || artifacts')} "
                 "FROM automation_run_threads WHERE id = :id"), {"id": thread_id})).first()
         if row is None:
             return None
-        await self.queue.fill(thread_key(thread_id), closed=row[2], run=row[0], project=row[1], appends=row[3])
+        await self.queue.fill(thread_key(thread_id), closed=row[2], run=row[0], project=row[1], appends=row[3],
+                              fields=row[4], artifacts=row[6], bytes=row[7])
         return ThreadRef(thread_id, row[0], row[1])

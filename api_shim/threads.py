@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api_shim.queue import Queue
+from api_shim.queue import Queue, held
 from api_shim.state import State, ThreadRef
 from schema.messages import run_key, thread_key
 
@@ -23,6 +23,7 @@ class NewThread:
     elapsed_computed: int | None
     artifacts: str  # JSON
     fields: str  # JSON
+    resources: str = ""  # what it holds, in the queue scripts' form (api_shim.queue.resources_of)
 
 
 # A thread is inserted only into a run that is neither completed nor waiting to be: KEY SHARE on the run lets
@@ -67,7 +68,7 @@ async def create_threads(engine: AsyncEngine, queue: Queue, state: State, batch:
         async with queue.redis.pipeline(transaction=False) as pipe:
             for i, (thread_id, project_id) in created.items():
                 await queue.fill(thread_key(thread_id), closed=False, client=pipe, run=todo[i].run_id,
-                                 project=project_id, appends=0)
+                                 project=project_id, appends=0, **held(todo[i].resources))
                 state.remember_thread(ThreadRef(thread_id, todo[i].run_id, project_id))
             await pipe.execute()
     ids = iter(created.get(i, (None, 0))[0] for i in range(len(todo)))

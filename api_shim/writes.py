@@ -18,12 +18,14 @@ from starlette.responses import Response
 from api_shim.errors import ApiError, already_completed, invalid, not_found
 from api_shim.http import json_response, no_content, now_iso, parse, path_id, read_body, services
 from api_shim.observe import request_id
-from api_shim.queue import EXPECTED_PLACEHOLDER, ThreadOp
+from api_shim.queue import ThreadOp, held, resources_of
 from api_shim.services import Services
 from api_shim.state import ThreadRef
 from api_shim.threads import NewThread
 from schema.messages import run_key
 from schema.requests import (
+    OBJECT_BYTES_MAX,
+    OBJECT_ITEMS_MAX,
     RunAppend,
     RunComplete,
     RunCreate,
@@ -69,8 +71,27 @@ def _check_accepted(s: Services, verdict: str, what: str) -> None:
     if verdict == "busy":
         raise ApiError(429, "The server is shedding load: the queue is over its high-water mark.",
                        headers={"Retry-After": str(s.settings.retry_after_seconds)})
+    if verdict.startswith("full:"):
+        raise over_cap(what, verdict.removeprefix("full:"))
     if verdict != "ok":
         raise already_completed(what)
+
+
+def over_cap(what: str, cap: str) -> ApiError:
+    """422 for resources past what one run or thread may hold (schema.requests.OBJECT_*_MAX)."""
+    if cap == "bytes":
+        return invalid("body", f"The {what} would hold more than {OBJECT_BYTES_MAX} bytes of fields, links and "
+                               f"artifacts: at most {OBJECT_BYTES_MAX} over all its appends.")
+    return invalid(cap, f"The {what} would hold more than {OBJECT_ITEMS_MAX} {cap}: at most {OBJECT_ITEMS_MAX} "
+                        "over all its appends.")
+
+
+def _check_create_resources(body: dict[str, Any], what: str) -> str:
+    """A create's resources, in the queue scripts' form, refused if they alone pass the caps."""
+    resources, size = resources_of(body)
+    if size > OBJECT_BYTES_MAX:
+        raise over_cap(what, "bytes")
+    return resources
 
 
 async def _thread_ref(request: Request) -> tuple[Services, ThreadRef, int]:
@@ -99,9 +120,10 @@ async def _run_ref(request: Request) -> tuple[Services, int, int]:
 
 async def thread_append(request: Request) -> Response:
     s, ref, user_id = await _thread_ref(request)
-    body = parse(ThreadAppend, await read_body(request, s.settings.max_body_bytes), s.statuses.aliases)
+    body = await parse(ThreadAppend, await read_body(request, s.settings.max_body_bytes), s.statuses.aliases)
     op = _new_op("thread.append", ref.run_id, user_id, request) | {"thread_id": ref.thread_id} | body
-    append = ThreadOp("a", ref.run_id, ref.thread_id, orjson.dumps(op), len(body.get("results", ())))
+    append = ThreadOp("a", ref.run_id, ref.thread_id, orjson.dumps(op), len(body.get("results", ())),
+                      resources_of(body)[0] if "fields" in body or "artifacts" in body else "")
     verdict = await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.thread_ops.submit(append))
     _check_accepted(s, verdict, "thread")
     return no_content()
@@ -109,9 +131,9 @@ async def thread_append(request: Request) -> Response:
 
 async def thread_complete(request: Request) -> Response:
     s, ref, user_id = await _thread_ref(request)
-    body = parse(ThreadComplete, await read_body(request, s.settings.max_body_bytes))
+    body = await parse(ThreadComplete, await read_body(request, s.settings.max_body_bytes))
     op = _new_op("thread.complete", ref.run_id, user_id, request) | {"thread_id": ref.thread_id}
-    op |= _given(body) | {"expected": EXPECTED_PLACEHOLDER}
+    op |= _given(body)
     complete = ThreadOp("c", ref.run_id, ref.thread_id, orjson.dumps(op))
     # "done" (completed already, or its run is) is fine too: completing twice is safe for retries.
     await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.thread_ops.submit(complete))
@@ -120,17 +142,18 @@ async def thread_complete(request: Request) -> Response:
 
 async def run_append(request: Request) -> Response:
     s, run_id, user_id = await _run_ref(request)
-    body = parse(RunAppend, await read_body(request, s.settings.max_body_bytes))
+    body = await parse(RunAppend, await read_body(request, s.settings.max_body_bytes))
     op = _new_op("run.append", run_id, user_id, request) | body
-    _check_accepted(s, await _enqueue(s, run_id, None, lambda: s.queue.run_append(op)), "run")
+    resources = resources_of(body)[0]
+    _check_accepted(s, await _enqueue(s, run_id, None, lambda: s.queue.run_append(op, resources)), "run")
     return no_content()
 
 
 async def run_complete(request: Request) -> Response:
     s, run_id, user_id = await _run_ref(request)
-    body = parse(RunComplete, await read_body(request, s.settings.max_body_bytes))
+    body = await parse(RunComplete, await read_body(request, s.settings.max_body_bytes))
     op = _new_op("run.complete", run_id, user_id, request)
-    op |= {"measure_elapsed": body.get("measure_elapsed", True), "expected": EXPECTED_PLACEHOLDER}
+    op |= {"measure_elapsed": body.get("measure_elapsed", True)}
     await _enqueue(s, run_id, None, lambda: s.queue.run_complete(op))
     return no_content()
 
@@ -146,7 +169,8 @@ async def create_run(request: Request) -> Response:
     if exists is None:
         raise not_found("Project")
     principal.authorize(project_id)
-    body = parse(RunCreate, await read_body(request, s.settings.max_body_bytes))
+    body = await parse(RunCreate, await read_body(request, s.settings.max_body_bytes))
+    resources = _check_create_resources(body, "run")
 
     async with s.engine.begin() as conn:
         config_id = await _resolve(conn, "configs", project_id, body.get("config_id"), body.get("config"),
@@ -166,17 +190,18 @@ async def create_run(request: Request) -> Response:
             {"project": project_id, "source": source_id, "name": body["name"], "config": config_id,
              "milestone": milestone_id, "tags": body.get("tags", []), "user": principal.user_id,
              **_json_columns(body, "artifacts", "fields", "links")})).scalar_one()
-    await s.queue.fill(run_key(run_id), closed=False, project=project_id, ops=0)
+    await s.queue.fill(run_key(run_id), closed=False, project=project_id, ops=0, **held(resources))
     s.state.remember_run(run_id, project_id)
     return json_response({"id": run_id}, 201)
 
 
 async def create_thread(request: Request) -> Response:
     s, run_id, user_id = await _run_ref(request)
-    body = parse(ThreadCreate, await read_body(request, s.settings.max_body_bytes))
+    body = await parse(ThreadCreate, await read_body(request, s.settings.max_body_bytes))
+    resources = _check_create_resources(body, "thread")
     thread_id = await s.thread_creates.submit(NewThread(
         run_id, user_id, body.get("name"), body.get("elapsed_observed"), body.get("elapsed_computed"),
-        **_json_columns(body, "artifacts", "fields")))
+        **_json_columns(body, "artifacts", "fields"), resources=resources))
     if thread_id is None:
         raise already_completed("run")
     return json_response({"id": thread_id}, 201)

@@ -1,17 +1,18 @@
 """Request bodies of the automation-runs API, with the server's own limits (compat.md section 1).
 
-Bodies are validated by pydantic into plain dicts (TypedDicts): an append of a thousand tests is validated
-and re-serialised in a fraction of the time model instances would take, and that is the hot path. They are
-strict (a number is not a string, a string is not a number) and forbid unknown keys, so a typo in a client
-surfaces as a 422 naming the field instead of data silently dropped. Two rules pydantic cannot express
-declaratively, a field value's limit by field type and the status table, are checked after it (`finish_*`).
+Each body is one msgspec Struct, declared once: it validates the JSON as it is parsed (in C, stopping at the
+first problem), `api_shim/problems.py` walks the same declarations to list every problem of a refused body,
+and `api_shim/openapi.py` describes them. Bodies are strict (a number is not a string, a string is not a
+number, `1.0` is not an integer) and forbid unknown keys, so a typo in a client surfaces as a 422 naming the
+field instead of data silently dropped. A field left out stays out (UNSET), so what is stored is what was
+sent. The rules a declaration cannot express (a field value's limit by field type, meta integers within 64
+bits, the status table) are checked after decoding.
 """
 
-from typing import Annotated, Any, NotRequired
+from typing import Annotated, Any, TypeVar
 
-import orjson
-from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, with_config
-from typing_extensions import TypedDict
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 STRING_MAX = 750
 URL_MAX = 2048
@@ -22,137 +23,140 @@ TESTS_MAX = 1000
 META_KEYS_MAX = 25
 BIGINT_MAX = 2**63 - 1
 INT_MAX = 2**31 - 1
-
-Name = Annotated[str, StringConstraints(min_length=1, max_length=STRING_MAX)]
-ShortText = Annotated[str, StringConstraints(max_length=STRING_MAX)]
-Url = Annotated[str, StringConstraints(min_length=1, max_length=URL_MAX)]
-Note = Annotated[str, StringConstraints(max_length=NOTE_MAX)]
-Micros = Annotated[int, Field(ge=0, le=BIGINT_MAX)]
-Count = Annotated[int, Field(ge=0, le=INT_MAX)]
-Id = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
-# The CLI checks the patterns of tags and sources, then cuts both at STRING_MAX.
-Tag = Annotated[str, StringConstraints(min_length=1, max_length=STRING_MAX, pattern=r"^[A-Za-z0-9_-]+$")]
-SourceName = Annotated[str, StringConstraints(min_length=1, max_length=STRING_MAX, pattern=r"^[A-Za-z0-9-]+$")]
-# A JUnit property named `string:` or ` ` reaches the server as a field with an empty name.
-FieldName = ShortText
-# Meta numbers must survive a round trip through PostgreSQL's jsonb and back out as JSON: 64-bit integers
-# (signed or not),
-# and floats small enough that jsonb does not print them back as integers wider than that.
-MetaValue = (ShortText | Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
-             | Annotated[float, Field(ge=-1e15, le=1e15)] | bool | None)
+# What one run, and one thread, holds at most over all its appends: fields, links, artifacts (each), and their
+# JSON bytes together. A run's GET and a worker's update of it stay small, whatever its clients send.
+OBJECT_ITEMS_MAX = 500
+OBJECT_BYTES_MAX = 1024 * 1024
+# Meta integers must survive a round trip through PostgreSQL's jsonb and back out as JSON: 64 bits, signed or not.
+META_INT_MIN, META_INT_MAX = -(2**63), 2**64 - 1
 
 # Integers the official CLI can send beyond what their columns hold (JavaScript prints a JUnit time of 10^20
 # seconds as 1e+26): saturated at the column's largest value rather than refused (api_shim/repair.py).
 SATURATED = {"elapsed": BIGINT_MAX, "elapsed_observed": BIGINT_MAX, "elapsed_computed": BIGINT_MAX,
              "line": INT_MAX, "assertions": INT_MAX, "size": BIGINT_MAX}
 
+Name = Annotated[str, Meta(min_length=1, max_length=STRING_MAX)]
+ShortText = Annotated[str, Meta(max_length=STRING_MAX)]
+# A JUnit property named `string:` or ` ` reaches the server as a field with an empty name.
+FieldName = ShortText
+Url = Annotated[str, Meta(min_length=1, max_length=URL_MAX)]
+Note = Annotated[str, Meta(max_length=NOTE_MAX)]
+Micros = Annotated[int, Meta(ge=0, le=BIGINT_MAX)]
+Count = Annotated[int, Meta(ge=0, le=INT_MAX)]
+Id = Annotated[int, Meta(ge=1, le=BIGINT_MAX)]
+# The CLI checks the patterns of tags and sources, then cuts both at STRING_MAX.
+Tag = Annotated[str, Meta(min_length=1, max_length=STRING_MAX, pattern=r"^[A-Za-z0-9_-]+$")]
+SourceName = Annotated[str, Meta(min_length=1, max_length=STRING_MAX, pattern=r"^[A-Za-z0-9-]+$")]
+# Floats small enough that jsonb does not print them back as integers wider than 64 bits. Integers are
+# bounded after decoding (META_INT_MIN..META_INT_MAX): msgspec bounds only signed 64-bit ones.
+MetaInt = Annotated[int, Meta(extra_json_schema={"minimum": -(2**63), "maximum": 2**64 - 1})]
+MetaValue = ShortText | MetaInt | Annotated[float, Meta(ge=-1e15, le=1e15)] | bool | None
+
 FIELD_STRING, FIELD_TEXT, FIELD_HTML, FIELD_CONSOLE, FIELD_URL = 1, 2, 3, 4, 5
 VALUE_MAX = {FIELD_STRING: STRING_MAX, FIELD_TEXT: TEXT_MAX, FIELD_HTML: TEXT_MAX, FIELD_CONSOLE: TEXT_MAX,
              FIELD_URL: URL_MAX}
 
-STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+class Body(Struct, forbid_unknown_fields=True):
+    """Strict: unknown keys are refused."""
 
 
-@with_config(STRICT)
-class CustomField(TypedDict):
-    type: Annotated[int, Field(ge=FIELD_STRING, le=FIELD_URL)]
+class CustomField(Body):
+    type: Annotated[int, Meta(ge=FIELD_STRING, le=FIELD_URL)]
     name: FieldName
-    value: Annotated[str, StringConstraints(max_length=TEXT_MAX)]  # and VALUE_MAX by type
-    meta: NotRequired[Annotated[dict[ShortText, MetaValue], Field(max_length=META_KEYS_MAX)] | None]
-    is_highlight: NotRequired[bool | None]
+    value: Annotated[str, Meta(max_length=TEXT_MAX)]  # and VALUE_MAX by type
+    meta: Annotated[dict[ShortText, MetaValue], Meta(max_length=META_KEYS_MAX)] | UnsetType | None = UNSET
+    is_highlight: bool | UnsetType | None = UNSET
 
 
-@with_config(STRICT)
-class Artifact(TypedDict):
+class Artifact(Body):
     name: Name
     url: Url
-    mime_type: NotRequired[ShortText | None]
-    size: NotRequired[Annotated[int, Field(ge=0, le=BIGINT_MAX)] | None]
-    note: NotRequired[Note | None]
+    mime_type: ShortText | UnsetType | None = UNSET
+    size: Annotated[int, Meta(ge=0, le=BIGINT_MAX)] | UnsetType | None = UNSET
+    note: Note | UnsetType | None = UNSET
 
 
-@with_config(STRICT)
-class Link(TypedDict):
+class Link(Body):
     name: Name
     url: Url
-    note: NotRequired[Note | None]
+    note: Note | UnsetType | None = UNSET
 
 
-Fields = Annotated[list[CustomField], Field(max_length=ITEMS_MAX)]
-Artifacts = Annotated[list[Artifact], Field(max_length=ITEMS_MAX)]
-Links = Annotated[list[Link], Field(max_length=ITEMS_MAX)]
+Fields = Annotated[list[CustomField], Meta(max_length=ITEMS_MAX)]
+Artifacts = Annotated[list[Artifact], Meta(max_length=ITEMS_MAX)]
+Links = Annotated[list[Link], Meta(max_length=ITEMS_MAX)]
 
 
-@with_config(STRICT)
-class ResultIn(TypedDict):
-    key: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+class Resources(Body):
+    """What every append and create may carry, and each test."""
+
+    fields: Fields | UnsetType = UNSET
+    artifacts: Artifacts | UnsetType = UNSET
+
+
+# A part of a thread's elapsed time: create, appends and complete may each add one.
+ElapsedPart = Micros | UnsetType | None
+
+
+class ThreadResources(Resources):
+    elapsed_observed: ElapsedPart = UNSET
+    elapsed_computed: ElapsedPart = UNSET
+
+
+class RunResources(Resources):
+    links: Links | UnsetType = UNSET
+
+
+class ResultIn(Resources, kw_only=True):
+    key: Annotated[str, Meta(min_length=1, max_length=255)]
     name: Name
-    # One of the accepted strings of the status table; `finish_thread_append` turns it into a status id.
-    status: Annotated[str, StringConstraints(min_length=1, max_length=100)]
-    folder: NotRequired[ShortText | None]
-    elapsed: NotRequired[Micros | None]
-    file: NotRequired[ShortText | None]
-    line: NotRequired[Count | None]
-    assertions: NotRequired[Count | None]
-    fields: NotRequired[Fields]
-    artifacts: NotRequired[Artifacts]
+    # One of the accepted strings of the status table; `thread_append_results` turns it into a status id.
+    status: Annotated[str, Meta(min_length=1, max_length=100)]
+    folder: ShortText | UnsetType | None = UNSET
+    elapsed: Micros | UnsetType | None = UNSET
+    file: ShortText | UnsetType | None = UNSET
+    line: Count | UnsetType | None = UNSET
+    assertions: Count | UnsetType | None = UNSET
 
 
-@with_config(STRICT)
-class RunCreate(TypedDict):
+class RunCreate(RunResources, kw_only=True):
     name: Name
     source: SourceName
-    tags: NotRequired[Annotated[list[Tag], Field(max_length=ITEMS_MAX)]]
-    config: NotRequired[Name | None]
-    config_id: NotRequired[Id | None]
-    milestone: NotRequired[Name | None]
-    milestone_id: NotRequired[Id | None]
-    fields: NotRequired[Fields]
-    links: NotRequired[Links]
-    artifacts: NotRequired[Artifacts]
+    tags: Annotated[list[Tag], Meta(max_length=ITEMS_MAX)] | UnsetType = UNSET
+    config: Name | UnsetType | None = UNSET
+    config_id: Id | UnsetType | None = UNSET
+    milestone: Name | UnsetType | None = UNSET
+    milestone_id: Id | UnsetType | None = UNSET
 
 
-@with_config(STRICT)
-class RunAppend(TypedDict):
-    fields: NotRequired[Fields]
-    links: NotRequired[Links]
-    artifacts: NotRequired[Artifacts]
+class RunAppend(RunResources):
+    pass
 
 
-@with_config(STRICT)
-class RunComplete(TypedDict):
+class RunComplete(Body):
     # Defaults to true when left out: the run's elapsed is then the time from its creation to this call.
-    measure_elapsed: NotRequired[bool]
+    measure_elapsed: bool | UnsetType = UNSET
 
 
-@with_config(STRICT)
-class ThreadCreate(TypedDict):
-    name: NotRequired[Name | None]
-    elapsed_observed: NotRequired[Micros | None]
-    elapsed_computed: NotRequired[Micros | None]
-    fields: NotRequired[Fields]
-    artifacts: NotRequired[Artifacts]
+class ThreadCreate(ThreadResources):
+    name: Name | UnsetType | None = UNSET
 
 
-@with_config(STRICT)
-class ThreadAppend(TypedDict):
-    elapsed_observed: NotRequired[Micros | None]
-    elapsed_computed: NotRequired[Micros | None]
-    fields: NotRequired[Fields]
-    artifacts: NotRequired[Artifacts]
-    tests: NotRequired[Annotated[list[ResultIn], Field(max_length=TESTS_MAX)]]
+class ThreadAppend(ThreadResources):
+    tests: Annotated[list[ResultIn], Meta(max_length=TESTS_MAX)] | UnsetType = UNSET
 
 
-@with_config(STRICT)
-class ThreadComplete(TypedDict):
-    elapsed_observed: NotRequired[Micros | None]
-    elapsed_computed: NotRequired[Micros | None]
+class ThreadComplete(Body):
+    # The elapsed parts of ThreadResources, without its resources: a complete carries none.
+    elapsed_observed: ElapsedPart = UNSET
+    elapsed_computed: ElapsedPart = UNSET
 
 
-ADAPTERS: dict[type, TypeAdapter[Any]] = {
-    body: TypeAdapter(body)
-    for body in (RunCreate, RunAppend, RunComplete, ThreadCreate, ThreadAppend, ThreadComplete)
-}
+BODIES: tuple[type[Body], ...] = (RunCreate, RunAppend, RunComplete, ThreadCreate, ThreadAppend, ThreadComplete)
+B = TypeVar("B", bound=Body)
+_DECODERS: dict[type[Body], msgspec.json.Decoder[Any]] = {body: msgspec.json.Decoder(body) for body in BODIES}
+_encode = msgspec.json.Encoder().encode
 
 
 def saturating_add(total: int | None, part: int) -> int:
@@ -162,25 +166,41 @@ def saturating_add(total: int | None, part: int) -> int:
 
 
 class BodyError(Exception):
-    """Rules broken after schema validation: field path -> problems, as in the 422 body."""
+    """Rules broken after decoding: field path -> problems, as in the 422 body."""
 
     def __init__(self, errors: dict[str, list[str]]) -> None:
         super().__init__("invalid body")
         self.errors = errors
 
 
-def validate(body_type: type, raw: bytes) -> dict[str, Any]:
-    """Validate a JSON body; raises pydantic's ValidationError or BodyError."""
-    data: dict[str, Any] = ADAPTERS[body_type].validate_json(raw)
+def decode(body_type: type[B], raw: bytes) -> B:
+    """The body decoded and validated; raises msgspec.DecodeError (not JSON) or msgspec.ValidationError."""
+    body: B = _DECODERS[body_type].decode(raw)
+    return body
+
+
+def validate(body_type: type[Body], raw: bytes, statuses: dict[str, int] | None = None) -> dict[str, Any]:
+    """The body as the fields of its queued operation: the keys the client gave, and for a thread append its
+    tests as `results` rows (schema.messages.RESULT_FIELDS) with their `counts` by status id. Raises what
+    `decode` raises, or BodyError."""
+    body = decode(body_type, raw)
     errors: dict[str, list[str]] = {}
-    _check_field_values(data.get("fields"), "fields", errors)
+    if isinstance(body, Resources) and body.fields:
+        _check_fields(body.fields, "fields", errors)
     if errors:
         raise BodyError(errors)
-    return data
+    if isinstance(body, ThreadAppend):
+        tests, body.tests = body.tests, UNSET
+        fields: dict[str, Any] = msgspec.to_builtins(body)
+        if tests:
+            fields |= thread_append_results(tests, statuses or {})
+        return fields
+    out: dict[str, Any] = msgspec.to_builtins(body)
+    return out
 
 
-def finish_thread_append(data: dict[str, Any], statuses: dict[str, int]) -> None:
-    """Turn a validated append's `tests` into `results` rows (schema.messages.RESULT_FIELDS), in place.
+def thread_append_results(tests: list[ResultIn], statuses: dict[str, int]) -> dict[str, Any]:
+    """An append's tests as `results` rows, counted by status; raises BodyError.
 
     One pass over the tests maps each status string to its status id, checks field values, and counts the
     results by status, so that the worker only has to hand the rows to COPY.
@@ -189,34 +209,44 @@ def finish_thread_append(data: dict[str, Any], statuses: dict[str, int]) -> None
     rows = []
     counts: dict[int, int] = {}
     elapsed_sum = None
-    for i, test in enumerate(data.pop("tests", ())):
-        status_id = statuses.get(test["status"].lower())
+    for i, test in enumerate(tests):
+        status_id = statuses.get(test.status.lower())
         if status_id is None:
             errors[f"tests.{i}.status"] = ["unknown status; accepted: " + ", ".join(sorted(statuses))]
             continue
         counts[status_id] = counts.get(status_id, 0) + 1
-        elapsed = test.get("elapsed")
+        elapsed = _given(test.elapsed)
         if elapsed is not None:
             elapsed_sum = saturating_add(elapsed_sum, elapsed)
-        fields = test.get("fields")
+        fields = test.fields or None
         if fields:
-            _check_field_values(fields, f"tests.{i}.fields", errors)
-        artifacts = test.get("artifacts")
-        rows.append([status_id, test["key"], test["name"], test.get("folder"), elapsed, test.get("file"),
-                     test.get("line"), test.get("assertions"), orjson.dumps(fields).decode() if fields else None,
-                     orjson.dumps(artifacts).decode() if artifacts else None])
+            _check_fields(fields, f"tests.{i}.fields", errors)
+        artifacts = test.artifacts or None
+        rows.append([status_id, test.key, test.name, _given(test.folder), elapsed, _given(test.file),
+                     _given(test.line), _given(test.assertions),
+                     _encode(fields).decode() if fields else None,
+                     _encode(artifacts).decode() if artifacts else None])
     if errors:
         raise BodyError(errors)
+    out: dict[str, Any] = {}
     if rows:
-        data["results"] = rows
-        data["counts"] = sorted([status_id, n] for status_id, n in counts.items())
+        out["results"] = rows
+        out["counts"] = sorted([status_id, n] for status_id, n in counts.items())
     if elapsed_sum is not None:
-        data["results_elapsed"] = elapsed_sum
+        out["results_elapsed"] = elapsed_sum
+    return out
 
 
-def _check_field_values(fields: list[CustomField] | None, path: str, errors: dict[str, list[str]]) -> None:
-    for i, field in enumerate(fields or ()):
-        limit = VALUE_MAX[field["type"]]
-        if len(field["value"]) > limit:
-            errors[f"{path}.{i}.value"] = [f"must be at most {limit} characters for a field of type {field['type']}"]
+def _given(value: Any) -> Any:
+    return None if value is UNSET else value
 
+
+def _check_fields(fields: list[CustomField], path: str, errors: dict[str, list[str]]) -> None:
+    for i, field in enumerate(fields):
+        limit = VALUE_MAX[field.type]
+        if len(field.value) > limit:
+            errors[f"{path}.{i}.value"] = [f"must be at most {limit} characters for a field of type {field.type}"]
+        if field.meta:
+            for key, value in field.meta.items():
+                if type(value) is int and not META_INT_MIN <= value <= META_INT_MAX:
+                    errors[f"{path}.{i}.meta.{key}"] = ["must be an integer of at most 64 bits"]

@@ -95,6 +95,17 @@ class Service:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def rss(self) -> int:
+        """Resident memory of the process and its children, in bytes."""
+        total = 0
+        for pid in tree(self.proc.pid):
+            try:
+                fields = Path(f"/proc/{pid}/statm").read_text().split()
+            except OSError:
+                continue
+            total += int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+        return total
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)

@@ -6,13 +6,14 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from conftest import count_results
 from sqlalchemy import Engine, text
 from support import unique
 
 from schema.messages import Op
-from schema.requests import finish_thread_append
+from schema.requests import ThreadAppend, validate
 from schema.statuses import COUNT_COLUMNS, DEFAULT_STATUSES, alias_map
 from worker.apply import Outcome, apply_ops
 
@@ -50,9 +51,8 @@ class Seed:
         return self.append_tests(thread, tests, **fields)
 
     def append_tests(self, thread: int, tests: list[dict[str, Any]], **fields: Any) -> Any:
-        """A thread append as the shim enqueues it (`finish_thread_append` turns tests into result rows)."""
-        body: dict[str, Any] = {"tests": tests}
-        finish_thread_append(body, alias_map(DEFAULT_STATUSES))
+        """A thread append as the shim enqueues it (`validate` turns tests into result rows)."""
+        body = validate(ThreadAppend, orjson.dumps({"tests": tests}), alias_map(DEFAULT_STATUSES))
         return self.op("thread.append", thread_id=self.threads[thread], **body, **fields)
 
     def complete_thread(self, thread: int, expected: int, **fields: Any) -> Any:

@@ -123,7 +123,7 @@ def test_unknown_paths_are_404(target: Target, path: str, method: str) -> None:
     ("POST", "/automation/runs/{run}", "GET"),
     ("GET", "/automation/runs/{run}/append", "POST"),
     ("GET", "/automation/runs/{run}/complete", "POST"),
-    ("GET", "/automation/runs/{run}/threads", "POST"),
+    ("DELETE", "/automation/runs/{run}/threads", "POST"),
     ("GET", "/automation/runs/threads/{thread}/append", "POST"),
     ("DELETE", "/automation/runs/threads/{thread}/complete", "POST"),
     ("POST", "/user", "GET"),

@@ -1,0 +1,240 @@
+"""One client must never hurt another (issue 13): a hostile or broken request next to a well-behaved client,
+both driving the real shim over HTTP, with the real workers applying what was accepted.
+
+What each test shows: the hostile request gets a clear, bounded answer, and everything the well-behaved client
+sent is accepted, fast, and applied.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Pipeline, Project, count_results, new_project
+from sqlalchemy import Engine, text
+from support import make_tests
+
+from ingest.admin import Admin
+from schema.requests import OBJECT_BYTES_MAX, OBJECT_ITEMS_MAX
+
+# --- a well-behaved client beside a hostile one -------------------------------------------------------------
+
+
+class Bystander:
+    """Another project's CI job, in a process of its own (tests/bystander.py): appends of 20 tests, one after
+    another, each timed."""
+
+    def __init__(self, project: Project) -> None:
+        self.project = project
+        self.run_id = project.api.create_run(project.id, name="bystander")
+        self.thread_id = project.api.create_thread(self.run_id)
+        self.latencies: list[float] = []
+        self.codes: dict[int, int] = {}
+        self.sent = 0
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> "Bystander":
+        url = str(self.project.api.http.base_url).removesuffix("/api/v1").removesuffix("/api/v1/")
+        self._proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("bystander.py")), url, self.project.token,
+             str(self.thread_id)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None and self._proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)  # a few appends before the hostile request
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
+        time.sleep(0.3)  # and a few after it
+        self._proc.stdin.close()
+        out = self._proc.stdout.read()
+        self._proc.stdout.close()
+        self._proc.wait(timeout=60)
+        result = json.loads(out.strip().splitlines()[-1])
+        self.latencies, self.sent = result["latencies"], result["sent"]
+        self.codes = {int(code): n for code, n in result["codes"].items()}
+
+    def p99_ms(self) -> float:
+        return statistics.quantiles(self.latencies, n=100)[98] * 1000 if len(self.latencies) > 1 else 0.0
+
+    def assert_all_applied(self, engine: Engine) -> None:
+        assert set(self.codes) == {204}, self.codes
+        assert self.sent > 10, self.sent
+        self.project.api.complete_run(self.run_id)
+        run = self.project.api.wait_completed(self.run_id, timeout=60)
+        assert run["total_count"] == 20 * self.sent
+        assert sum(count_results(engine, self.run_id).values()) == 20 * self.sent
+
+
+@pytest.fixture
+def bystander(admin: Admin, pipeline: Pipeline) -> Iterator[Bystander]:
+    project = new_project(admin, pipeline.url)
+    yield Bystander(project)
+    project.api.close()
+
+
+# --- 1. one bad body ------------------------------------------------------------------------------------------
+
+def all_wrong_append(size: int, tests: int) -> bytes:
+    """A thread append of about `size` bytes and `tests` tests, every one wrong in every field."""
+    test: dict[str, Any] = {"key": 1, "name": 2, "status": 3, "folder": 4, "elapsed": "x", "line": "y"}
+    if tests <= 1000:
+        test |= {"fields": [{"type": "t", "name": 5, "value": 6, "meta": [7]}] * 100,
+                 "artifacts": [{"url": 8}] * 100}
+    padding = (size - 20) // tests - len(json.dumps(test, separators=(",", ":"))) - 20
+    test["file"] = [1] * max(0, padding // 2)  # a string is expected
+    one = json.dumps(test, separators=(",", ":")).encode()
+    body = b'{"tests":[' + b",".join([one] * tests) + b"]}"
+    assert size * 0.9 < len(body) <= size, (len(body), size)
+    return body
+
+
+@pytest.mark.parametrize("tests", [1000, 10_000], ids=["1000-big-tests", "too-many-tests"])
+def test_a_10_mb_body_wrong_everywhere_gets_a_small_422_fast(project: Project, bystander: Bystander,
+                                                           pipeline: Pipeline, engine: Engine, tests: int) -> None:
+    body = all_wrong_append(10 * 1024 * 1024 - 100, tests)
+    thread_id = project.api.create_thread(project.api.create_run(project.id))
+    rss_before = pipeline.api.rss()
+    with bystander:
+        timings = []
+        for _ in range(5):
+            started = time.perf_counter()
+            response = project.api.http.post(f"/automation/runs/threads/{thread_id}/append", content=body,
+                                             headers={"Content-Type": "application/json"})
+            timings.append(time.perf_counter() - started)
+            assert response.status_code == 422, response.text[:500]
+            assert len(response.content) <= 64 * 1024
+            problems = response.json()
+            assert problems["message"].startswith("The given data was invalid.")
+            if tests == 1000:
+                assert "first" in problems["message"]  # there were more than it lists
+                assert "tests.0.key" in problems["errors"]
+            else:
+                assert list(problems["errors"]) == ["tests"]
+    assert pipeline.api.rss() - rss_before <= 50 * 1024 * 1024
+    # Over loopback, sending 10 MB takes part of it; the answer itself costs a few milliseconds.
+    assert min(timings) < 0.1, timings
+    assert bystander.p99_ms() <= 20, bystander.p99_ms()
+    bystander.assert_all_applied(engine)
+
+
+# --- 2. client values stay data -------------------------------------------------------------------------------
+
+HOSTILE_REQUEST_IDS = ["-7777777777", '"}], "x": [{"', "a" * 65, "bad id", "ünïcode", ",\"expected\":1}", ""]
+
+
+def test_no_request_id_fails_anyone(project: Project, other_project: Project, engine: Engine) -> None:
+    run_id = project.api.create_run(project.id)
+    threads = [project.api.create_thread(run_id) for _ in HOSTILE_REQUEST_IDS]
+    other_run = other_project.api.create_run(other_project.id)
+    other_thread = other_project.api.create_thread(other_run)
+    codes: list[int] = []
+
+    def others() -> None:
+        for i in range(50):
+            response = other_project.api.post(f"/automation/runs/threads/{other_thread}/append",
+                                              {"tests": make_tests(5, prefix=f"o{i}-")})
+            codes.append(response.status_code)
+
+    burst = threading.Thread(target=others)
+    burst.start()
+    echoed = []
+    for thread_id, request_id in zip(threads, HOSTILE_REQUEST_IDS, strict=True):
+        headers = {"X-Request-ID": request_id.encode("utf-8")}
+        append = project.api.http.post(f"/automation/runs/threads/{thread_id}/append",
+                                       json={"tests": make_tests(3)}, headers=headers)
+        complete = project.api.http.post(f"/automation/runs/threads/{thread_id}/complete", json={},
+                                         headers=headers)
+        assert (append.status_code, complete.status_code) == (204, 204), (request_id, complete.text)
+        echoed.append(complete.headers["x-request-id"])
+    burst.join()
+    assert codes == [204] * 50
+    # A request id is kept only if it is plainly an id; the others are replaced.
+    assert echoed[0] == "-7777777777"
+    assert all(e != sent and len(e) == 16 for e, sent in zip(echoed[1:], HOSTILE_REQUEST_IDS[1:], strict=True))
+
+    project.api.complete_run(run_id)
+    run = project.api.wait_completed(run_id)
+    assert run["total_count"] == 3 * len(threads) and run["thread_completed_count"] == len(threads)
+    other_project.api.complete_run(other_run)
+    assert other_project.api.wait_completed(other_run)["total_count"] == 250
+
+
+# --- 5. objects do not grow without bound ----------------------------------------------------------------------
+
+def field(i: int, value: str = "v") -> dict[str, Any]:
+    return {"type": 2, "name": f"f{i}", "value": value}
+
+
+def test_fields_links_and_artifacts_per_run_and_thread_are_capped(project: Project) -> None:
+    api = project.api
+    run_id = api.create_run(project.id, fields=[field(i) for i in range(100)])
+    thread_id = api.create_thread(run_id, artifacts=[{"name": f"a{i}", "url": "https://x"} for i in range(100)])
+    for _ in range(OBJECT_ITEMS_MAX // 100 - 1):  # up to the cap, counting what the create carried
+        assert api.post(f"/automation/runs/{run_id}/append", {"fields": [field(i) for i in range(100)]}
+                        ).status_code == 204
+        assert api.post(f"/automation/runs/threads/{thread_id}/append",
+                        {"artifacts": [{"name": "a", "url": "https://x"}] * 100}).status_code == 204
+    over = api.post(f"/automation/runs/{run_id}/append", {"fields": [field(0)]})
+    assert over.status_code == 422, over.text
+    assert "fields" in over.json()["errors"]
+    over = api.post(f"/automation/runs/threads/{thread_id}/append",
+                    {"artifacts": [{"name": "a", "url": "https://x"}], "tests": make_tests(2)})
+    assert over.status_code == 422 and "artifacts" in over.json()["errors"], over.text
+    # Other resources, and tests, still go.
+    assert api.post(f"/automation/runs/{run_id}/append", {"links": [{"name": "l", "url": "https://x"}]}
+                    ).status_code == 204
+    api.append(thread_id, make_tests(2))
+
+    # Bytes: a fresh thread takes values up to the cap in bytes, and not past it.
+    big = "x" * 60_000
+    thread_id = api.create_thread(run_id)
+    sent = 0
+    while True:
+        response = api.post(f"/automation/runs/threads/{thread_id}/append", {"fields": [field(0, big)]})
+        if response.status_code != 204:
+            break
+        sent += 1
+    assert response.status_code == 422 and "body" in response.json()["errors"], response.text
+    assert OBJECT_BYTES_MAX // 60_100 <= sent <= OBJECT_BYTES_MAX // 60_000
+
+    api.complete_run(run_id)
+    run = api.wait_completed(run_id)
+    assert len(run["fields"]) == OBJECT_ITEMS_MAX and len(run["links"]) == 1
+    threads = {t["id"]: t for t in run["threads"]}
+    assert len(threads[thread_id]["fields"]) == sent
+    assert run["total_count"] == 2
+
+
+def test_a_run_of_10_000_threads_gets_a_small_get(project: Project, engine: Engine) -> None:
+    run_id = project.api.create_run(project.id)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO automation_run_threads (run_id, project_id, created_by, fields) "
+            "SELECT :r, :p, (SELECT created_by FROM automation_runs WHERE id = :r), "
+            "  jsonb_build_array(jsonb_build_object('type', 4, 'name', 'Output', 'value', repeat('o', 2000))) "
+            "FROM generate_series(1, 10000)"), {"r": run_id, "p": project.id})
+    response = project.api.get(f"/automation/runs/{run_id}")
+    assert response.status_code == 200
+    run = response.json()["result"]
+    assert run["thread_count"] == 10_000 and len(run["threads"]) == 100
+    assert [t["index"] for t in run["threads"]] == list(range(1, 101))
+    assert len(response.content) < 400_000
+
+    # All of them, a page at a time.
+    seen = []
+    page: int | None = 1
+    while page is not None:
+        listed = project.api.get(f"/automation/runs/{run_id}/threads", params={"page": page, "per_page": 100})
+        assert listed.status_code == 200, listed.text
+        body = listed.json()
+        assert body["total"] == 10_000 and body["last_page"] == 100
+        seen += [t["index"] for t in body["result"]]
+        page = body["next_page"]
+    assert seen == list(range(1, 10_001))
+    assert project.api.get(f"/automation/runs/{run_id}/threads", params={"per_page": 7}).status_code == 422

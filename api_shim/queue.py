@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from schema.messages import (
+    ACCOUNTED_LUA,
     APPLY_TASK,
     CLOSED_TTL_SECONDS,
     OPEN_TTL_SECONDS,
@@ -54,7 +55,7 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 # Appends are refused ('busy', a 429) while the queue holds that many messages, or its batches that many bytes,
 # so that a stalled fleet of workers cannot make Redis grow without bound. Completes are never refused: they
 # are small, and refusing one would fail a CI job that has already delivered all its results.
-_PRELUDE = """
+_PRELUDE = ACCOUNTED_LUA + """
 local function full()
   local messages, bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
   return (messages > 0 and redis.call('LLEN', KEYS[1]) >= messages)
@@ -81,7 +82,7 @@ local function keep(hash, now)
 end
 local function enqueue(payload)
   redis.call('SET', KEYS[3], payload)
-  redis.call('HINCRBY', KEYS[4], 'queued_bytes', string.len(payload))
+  redis.call('HINCRBY', KEYS[4], 'queued_bytes', accounted(string.len(payload)))
   redis.call('LPUSH', KEYS[1], ARGV[1])
   redis.call('RPUSH', KEYS[2], KEYS[3])
 end
@@ -281,6 +282,16 @@ class Queue:
         self._run_append = redis.register_script(_RUN_APPEND)
         self._run_complete = redis.register_script(_RUN_COMPLETE)
         self._fill = redis.register_script(_FILL)
+
+    def high_water_reading(self, pipe: Pipeline) -> None:
+        """Queue on `pipe` what `over_high_water` needs: the waiting messages and the bytes counted."""
+        pipe.llen(self.queue)
+        pipe.hget(STATS_KEY, "queued_bytes")
+
+    def over_high_water(self, waiting: int, queued_bytes: bytes | None) -> bool:
+        """The scripts' full(), for what the shim refuses outside them (thread creates)."""
+        return ((self.high_water > 0 and waiting >= self.high_water)
+                or (self.high_water_bytes > 0 and int(queued_bytes or 0) >= self.high_water_bytes))
 
     def _batch(self) -> tuple[list[str], list[Any]]:
         return new_batch(self.queue, self.high_water, self.high_water_bytes)

@@ -62,7 +62,7 @@ class Services:
     auth: Authenticator
     statuses: StatusTable
     thread_ops: "GroupCommit[ThreadOp, str]"
-    thread_creates: "GroupCommit[NewThread, int | None]"
+    thread_creates: "GroupCommit[NewThread, int | str]"
     _refresher: "asyncio.Task[None] | None" = None
     # Blocking clients for the status snapshot behind /metrics (read in a thread, a few times a minute).
     _sync_redis: SyncRedis | None = None

@@ -51,9 +51,16 @@ SELECT ord, id, project_id FROM open
 """)
 
 
-async def create_threads(engine: AsyncEngine, queue: Queue, state: State, batch: list[NewThread]) -> list[int | None]:
-    """The new threads' ids, in order; None where the run is completed (or its complete accepted)."""
-    closed = await _closed_runs(queue, state, {t.run_id for t in batch})
+CLOSED, BUSY = "closed", "busy"
+
+
+async def create_threads(engine: AsyncEngine, queue: Queue, state: State,
+                         batch: list[NewThread]) -> list[int | str]:
+    """The new threads' ids, in order; CLOSED where the run is completed (or its complete accepted), BUSY for
+    all while the queue is over its high-water mark (a new thread would only add appends to it)."""
+    closed, busy = await _closed_runs(queue, state, {t.run_id for t in batch})
+    if busy:
+        return [BUSY] * len(batch)
     todo = [t for t in batch if t.run_id not in closed]
     created: dict[int, tuple[int, int]] = {}
     if todo:
@@ -71,21 +78,23 @@ async def create_threads(engine: AsyncEngine, queue: Queue, state: State, batch:
                                  project=project_id, appends=0, **held(todo[i].resources))
                 state.remember_thread(ThreadRef(thread_id, todo[i].run_id, project_id))
             await pipe.execute()
-    ids = iter(created.get(i, (None, 0))[0] for i in range(len(todo)))
-    return [None if t.run_id in closed else next(ids) for t in batch]
+    ids = iter(created.get(i, (CLOSED, 0))[0] for i in range(len(todo)))
+    return [CLOSED if t.run_id in closed else next(ids) for t in batch]
 
 
-async def _closed_runs(queue: Queue, state: State, runs: set[int]) -> set[int]:
-    """Runs whose complete has been accepted: the database may not know yet, Redis does."""
+async def _closed_runs(queue: Queue, state: State, runs: set[int]) -> tuple[set[int], bool]:
+    """Runs whose complete has been accepted (the database may not know yet, Redis does), and whether the
+    queue is over its high-water mark."""
     ordered = sorted(runs)
     async with queue.redis.pipeline(transaction=False) as pipe:
+        queue.high_water_reading(pipe)
         for run_id in ordered:
             pipe.hget(run_key(run_id), "closed")
-        values = await pipe.execute()
+        waiting, queued_bytes, *values = await pipe.execute()
     closed = set()
     for run_id, value in zip(ordered, values, strict=True):
         if value is None and await state.rebuild_run(run_id) is not None:
             value = await queue.redis.hget(run_key(run_id), "closed")
         if value != b"0":
             closed.add(run_id)
-    return closed
+    return closed, queue.over_high_water(waiting, queued_bytes)

@@ -21,7 +21,7 @@ from api_shim.observe import request_id
 from api_shim.queue import ThreadOp, held, resources_of
 from api_shim.services import Services
 from api_shim.state import ThreadRef
-from api_shim.threads import NewThread
+from api_shim.threads import BUSY, NewThread
 from schema.messages import run_key
 from schema.requests import (
     OBJECT_BYTES_MAX,
@@ -202,7 +202,9 @@ async def create_thread(request: Request) -> Response:
     thread_id = await s.thread_creates.submit(NewThread(
         run_id, user_id, body.get("name"), body.get("elapsed_observed"), body.get("elapsed_computed"),
         **_json_columns(body, "artifacts", "fields"), resources=resources))
-    if thread_id is None:
+    if thread_id == BUSY:
+        _check_accepted(s, "busy", "run")
+    if not isinstance(thread_id, int):
         raise already_completed("run")
     return json_response({"id": thread_id}, 201)
 

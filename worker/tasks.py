@@ -11,7 +11,7 @@ import redis
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
-from schema.messages import APPLY_TASK, Op, pending_key
+from schema.messages import ACCOUNTED_LUA, APPLY_TASK, Op, pending_key
 from schema.status import STATS_KEY
 from worker import metrics
 from worker.app import app
@@ -65,10 +65,13 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
 
 
-# KEYS: stats, then batches. ARGV: their sizes. Only the worker that deletes a batch discounts its bytes.
-_DELETE = """
+# KEYS: stats, then batches. ARGV: their payloads' sizes. Only the worker that deletes a batch discounts it, by
+# what the shim counted for it.
+_DELETE = ACCOUNTED_LUA + """
 for i = 2, #KEYS do
-  if redis.call('DEL', KEYS[i]) == 1 then redis.call('HINCRBY', KEYS[1], 'queued_bytes', -ARGV[i - 1]) end
+  if redis.call('DEL', KEYS[i]) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'queued_bytes', -accounted(tonumber(ARGV[i - 1])))
+  end
 end
 """
 

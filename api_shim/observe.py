@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_shim.auth import client_address
 from api_shim.http import json_response, services
 from schema import status
 
@@ -45,6 +46,7 @@ class Observe:
         start = time.perf_counter()
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
+        client_address.set(scope["client"][0] if scope.get("client") else None)
         code = 500
 
         async def send_with_id(message: Message) -> None:

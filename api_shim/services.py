@@ -84,7 +84,7 @@ class Services:
         queue = Queue(redis, settings.queue, settings.queue_high_water, settings.queue_high_water_bytes)
         state = State(engine, queue)
         return cls(
-            settings, engine, redis, queue, state, Authenticator(redis, engine, settings.auth_cache_seconds),
+            settings, engine, redis, queue, state, Authenticator(redis, engine, settings),
             StatusTable(),
             thread_ops=GroupCommit(queue.thread_ops_with_retry, max_items=BATCH_OPS, max_bytes=BATCH_BYTES,
                                    size=lambda op: len(op.op)),

@@ -136,7 +136,8 @@ def start_api(env: Mapping[str, str], log: Path, tls: tuple[Path, Path] | None =
 def start_worker(env: Mapping[str, str], log: Path, concurrency: int = 2) -> Service:
     # At least INFO: readiness is read from the worker's log.
     level = "DEBUG" if env.get("INGEST_LOG_LEVEL") == "DEBUG" else "INFO"
-    service = Service(["worker", "--concurrency", str(concurrency), "--metrics-port", str(free_port())],
+    service = Service(["worker", "--concurrency", str(concurrency), "--metrics-host", "127.0.0.1",
+                       "--metrics-port", str(free_port())],
                       dict(env) | {"INGEST_LOG_LEVEL": level}, log)
 
     def ready() -> bool:

@@ -1,8 +1,9 @@
 """What operators see of the shim: /metrics, /healthz, /readyz, request ids and one log line per request.
 
 /metrics carries two kinds of figures. The installation's (queue depth, ages, totals, dead letters, runs,
-workers) are read from Redis and PostgreSQL at scrape time, so every shim reports the same values: aggregate
-them with max(), not sum(). This process's own HTTP figures are per process, to be summed.
+workers) are read from Redis at scrape time and from PostgreSQL at most a second before, so every shim reports
+the same values: aggregate them with max(), not sum(). This process's own HTTP figures are per process, to be
+summed.
 """
 
 import asyncio
@@ -22,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_shim.auth import client_address
 from api_shim.http import json_response, services
 from schema import status
 
@@ -46,6 +48,7 @@ class Observe:
         start = time.perf_counter()
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
+        client_address.set(scope["client"][0] if scope.get("client") else None)
         code = 500
 
         async def send_with_id(message: Message) -> None:
@@ -130,11 +133,8 @@ def _process_registry() -> CollectorRegistry:
 
 
 async def metrics(request: Request) -> Response:
-    s = services(request)
-    snapshot = await asyncio.to_thread(status.take, s.sync_redis(), s.sync_engine(), s.settings.queue,
-                                       s.settings.stuck_after_seconds)
     cluster = CollectorRegistry()
-    cluster.register(_Cluster(snapshot))
+    cluster.register(_Cluster(await services(request).snapshot()))
     body = generate_latest(cluster) + generate_latest(_process_registry())
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 import redis.exceptions
@@ -18,6 +19,7 @@ from api_shim.batcher import GroupCommit
 from api_shim.queue import Queue, ThreadOp
 from api_shim.state import State
 from api_shim.threads import NewThread, create_threads
+from schema import status
 from schema.process import quiet_gc
 from schema.settings import Settings
 from schema.statuses import DEFAULT_STATUSES, Status, alias_map
@@ -29,6 +31,9 @@ STATUS_REFRESH_SECONDS = 30.0
 DEPENDENCY_DOWN: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError)
+# /metrics needs no token: however often it is scraped, the database is asked for its figures (counts over
+# runs and dead letters) at most once in this time by a shim process.
+DATABASE_FIGURES_SECONDS = 1.0
 # How much one group commit carries at most: thread appends and completes in one message, threads created
 # in one insert.
 BATCH_OPS = 200
@@ -67,6 +72,33 @@ class Services:
     # Blocking clients for the status snapshot behind /metrics (read in a thread, a few times a minute).
     _sync_redis: SyncRedis | None = None
     _sync_engine: Engine | None = None
+    _snapshot: "asyncio.Future[status.Snapshot] | None" = None
+    _database_figures: tuple[float, status.Snapshot] | None = None
+
+    async def snapshot(self) -> status.Snapshot:
+        """The installation's figures for /metrics. Scrapes that arrive while one is being taken share it."""
+        if self._snapshot is None:
+            self._snapshot = asyncio.ensure_future(asyncio.to_thread(self._take_snapshot))
+            self._snapshot.add_done_callback(self._snapshot_taken)
+        return await asyncio.shield(self._snapshot)
+
+    def _snapshot_taken(self, _: "asyncio.Future[status.Snapshot]") -> None:
+        self._snapshot = None
+
+    def _take_snapshot(self) -> status.Snapshot:
+        snapshot = status.Snapshot()
+        status.read_redis(self.sync_redis(), self.settings.queue, snapshot)
+        now = time.monotonic()
+        if self._database_figures is None or now - self._database_figures[0] >= DATABASE_FIGURES_SECONDS:
+            figures = status.Snapshot()
+            # The queue figures are worth showing while the database is down (its figures are then left out).
+            with contextlib.suppress(Exception):
+                status.read_database(self.sync_engine(), self.settings.stuck_after_seconds, figures)
+            self._database_figures = (now, figures)
+        figures = self._database_figures[1]
+        snapshot.dead_letters, snapshot.runs_open, snapshot.runs_stuck = (
+            figures.dead_letters, figures.runs_open, figures.runs_stuck)
+        return snapshot
 
     def sync_redis(self) -> SyncRedis:
         if self._sync_redis is None:
@@ -91,7 +123,7 @@ class Services:
         queue = Queue(redis, settings.queue, settings.queue_high_water, settings.queue_high_water_bytes)
         state = State(engine, queue)
         return cls(
-            settings, engine, redis, queue, state, Authenticator(redis, engine, settings.auth_cache_seconds),
+            settings, engine, redis, queue, state, Authenticator(redis, engine, settings),
             StatusTable(),
             thread_ops=GroupCommit(queue.thread_ops_with_retry, max_items=BATCH_OPS, max_bytes=BATCH_BYTES,
                                    size=lambda op: len(op.op), shared=DEPENDENCY_DOWN),

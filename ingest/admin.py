@@ -10,7 +10,7 @@ from sqlalchemy import Connection, create_engine, text
 
 from api_shim.queue import ENQUEUE, new_batch
 from schema.settings import Settings
-from schema.tokens import auth_key, token_hash
+from schema.tokens import LAST_VALID_SECONDS, REVOKED, auth_key, last_valid_key, token_hash
 
 
 class AdminError(Exception):
@@ -74,14 +74,21 @@ class Admin:
                                {"h": hashed}).first()
         if row is None:
             raise AdminError("no such active token")
-        self.redis.delete(auth_key(hashed))
+        # The shims stop trusting what they read before the revoke by themselves, within the cache time; the
+        # delete makes it sooner for those that have not read it yet. The tombstone keeps the token's last
+        # valid view, which shims fall back on while PostgreSQL is unreachable, from letting it in again.
+        pipe = self.redis.pipeline()
+        pipe.delete(auth_key(hashed))
+        pipe.set(last_valid_key(hashed), REVOKED, ex=LAST_VALID_SECONDS)
+        pipe.execute()
 
     def _forget_user_tokens(self, conn: Connection, user_id: int) -> None:
-        # The shims cache what a token may reach; a grant must not wait for that cache to expire.
-        hashes = conn.execute(text("SELECT token_hash FROM api_tokens WHERE user_id = :u"),
+        # The shims would see a grant within the cache time anyway; this makes it sooner. Revoked tokens keep
+        # their tombstones.
+        hashes = conn.execute(text("SELECT token_hash FROM api_tokens WHERE user_id = :u AND revoked_at IS NULL"),
                               {"u": user_id}).scalars().all()
         if hashes:
-            self.redis.delete(*(auth_key(h) for h in hashes))
+            self.redis.delete(*(key for h in hashes for key in (auth_key(h), last_valid_key(h))))
 
     # --- dead letters ---------------------------------------------------------------------------------------
 

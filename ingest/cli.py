@@ -39,7 +39,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     settings = get_settings()
     concurrency = args.concurrency or settings.worker_concurrency
-    metrics.serve(args.metrics_port, concurrency)
+    metrics.serve(args.metrics_host, args.metrics_port, concurrency)
     app.worker_main([
         "worker", "--queues", settings.queue, "--concurrency", str(concurrency),
         "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
@@ -121,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="apply queued operations to the database")
     worker.add_argument("--concurrency", type=int, help="worker processes (default INGEST_WORKER_CONCURRENCY)")
+    # Every interface by default, as a container needs (its port is published or not by the orchestrator);
+    # on a machine of its own, `make run` binds it to 127.0.0.1.
+    worker.add_argument("--metrics-host", default="0.0.0.0", help="address of /metrics and /healthz")
     worker.add_argument("--metrics-port", type=int, default=9101, help="serves /metrics and /healthz")
     worker.set_defaults(func=_worker)
 

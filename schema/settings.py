@@ -1,5 +1,7 @@
 from functools import lru_cache
+from typing import Annotated
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,9 +19,17 @@ class Settings(BaseSettings):
     queue_high_water: int = 50_000
     queue_high_water_bytes: int = 2 * 1024**3
     max_body_bytes: int = 10 * 1024 * 1024
-    # How long a shim process trusts what it cached about a token before asking Redis again;
-    # it bounds how long a revoked token keeps working.
+    # How long what a shim read about a token from PostgreSQL is trusted, counted from that read, in Redis and
+    # in every process: it bounds how long a revoke or a grant takes to reach every shim.
     auth_cache_seconds: float = 10.0
+    # How long an unknown (or revoked) token is remembered as such, in Redis and in each shim process.
+    auth_negative_cache_seconds: float = 30.0
+    # Tokens a shim process remembers, valid and unknown ones each; the least recently used go first.
+    auth_cache_entries: int = 100_000
+    # Failed authentications a client address may make at once, and how many more a second after that. Beyond,
+    # its requests get 429, without a database lookup, unless their token is cached (0: no limit).
+    auth_failure_burst: int = 20
+    auth_failures_per_second: Annotated[float, Field(gt=0)] = 1.0
     # Seconds a client is told to wait when a dependency is down.
     retry_after_seconds: int = 5
     worker_concurrency: int = 2

@@ -17,7 +17,10 @@ from sqlalchemy import Engine, text
 # Installation-wide counts kept by the shims' scripts and the workers: appends and results accepted, operations
 # and results applied, and the bytes held by batches waiting (which the high-water mark bounds).
 STATS_KEY = "ingest:stats"
-WORKER_KEY_PREFIX = "ingest:worker:"
+# The live workers, read in O(workers) without scanning the keyspace: a sorted set of worker ids scored by
+# their last heartbeat (Redis's clock, so that the hosts' clocks need not agree), and a hash of what each is.
+WORKERS_KEY = "ingest:workers"
+WORKER_INFO_KEY = "ingest:workers:info"
 # kombu's Redis transport keeps each message a worker has reserved, not yet acknowledged, in this hash, and
 # the time it was reserved in this sorted set.
 UNACKED_KEY = "unacked"
@@ -60,7 +63,10 @@ def read_redis(redis: Redis, queue: str, snapshot: Snapshot) -> None:
     pipe.lindex(queue, -1)
     pipe.zrange(UNACKED_INDEX_KEY, 0, 0, withscores=True)
     pipe.hgetall(STATS_KEY)
-    snapshot.waiting, snapshot.reserved, oldest, reserved, stats = pipe.execute()
+    pipe.time()
+    pipe.zrange(WORKERS_KEY, 0, -1, withscores=True)
+    pipe.hgetall(WORKER_INFO_KEY)
+    snapshot.waiting, snapshot.reserved, oldest, reserved, stats, clock, seen, info = pipe.execute()
     if oldest is not None:
         enqueued = orjson.loads(oldest).get("headers", {}).get("ingest_enqueued_at")
         snapshot.oldest_waiting_seconds = max(0.0, now - enqueued) if enqueued else 0.0
@@ -69,10 +75,8 @@ def read_redis(redis: Redis, queue: str, snapshot: Snapshot) -> None:
     for name, value in stats.items():
         if hasattr(snapshot, name.decode()):
             setattr(snapshot, name.decode(), int(value))
-    for key in redis.scan_iter(match=f"{WORKER_KEY_PREFIX}*", count=1000):
-        raw = redis.get(key)
-        if raw is not None:
-            snapshot.workers.append(orjson.loads(raw))
+    fresh_since = clock[0] + clock[1] / 1e6 - HEARTBEAT_TTL_SECONDS
+    snapshot.workers = [orjson.loads(info[worker]) for worker, beat in seen if beat > fresh_since and worker in info]
     snapshot.workers_alive = len(snapshot.workers)
 
 
@@ -101,12 +105,27 @@ def take(redis: Redis, engine: Engine | None, queue: str, stuck_after_seconds: i
     return snapshot
 
 
+# Each heartbeat also forgets the workers that have stopped beating, so the set stays as small as the fleet.
+# KEYS: WORKERS_KEY, WORKER_INFO_KEY. ARGV: the worker's id, its info, HEARTBEAT_TTL_SECONDS.
+HEARTBEAT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+for _, worker in ipairs(gone) do
+  redis.call('ZREM', KEYS[1], worker)
+  redis.call('HDEL', KEYS[2], worker)
+end
+"""
+
+
 def heartbeat(redis: Redis, queue: str, concurrency: int, started_at: float) -> None:
-    """A worker says it is alive; it counts as alive while its key lives."""
-    key = f"{WORKER_KEY_PREFIX}{socket.gethostname()}:{_pid()}"
-    redis.set(key, orjson.dumps({"host": socket.gethostname(), "pid": _pid(), "queue": queue,
-                                 "concurrency": concurrency, "started_at": started_at, "seen_at": time.time()}),
-              ex=HEARTBEAT_TTL_SECONDS)
+    """A worker says it is alive; it counts as alive for HEARTBEAT_TTL_SECONDS after."""
+    info = orjson.dumps({"host": socket.gethostname(), "pid": _pid(), "queue": queue, "concurrency": concurrency,
+                         "started_at": started_at, "seen_at": time.time()})
+    redis.eval(HEARTBEAT, 2, WORKERS_KEY, WORKER_INFO_KEY, f"{socket.gethostname()}:{_pid()}", info,
+               HEARTBEAT_TTL_SECONDS)
 
 
 def _pid() -> int:

@@ -19,7 +19,7 @@ if [ "${TLS:-0}" = 1 ]; then
     tls=(--tls-cert .run/cert.pem --tls-key .run/key.pem)
 fi
 
-ingest worker &
+ingest worker --metrics-host 127.0.0.1 &
 worker=$!
 trap 'kill "$worker" 2>/dev/null; wait "$worker" 2>/dev/null' EXIT
 

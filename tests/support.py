@@ -1,5 +1,6 @@
 """Helpers for tests that drive real processes: the API shim and Celery workers, on PostgreSQL and Redis."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -7,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -145,7 +147,8 @@ def start_api(env: Mapping[str, str], log: Path, tls: tuple[Path, Path] | None =
 def start_worker(env: Mapping[str, str], log: Path, concurrency: int = 2) -> Service:
     # At least INFO: readiness is read from the worker's log.
     level = "DEBUG" if env.get("INGEST_LOG_LEVEL") == "DEBUG" else "INFO"
-    service = Service(["worker", "--concurrency", str(concurrency), "--metrics-port", str(free_port())],
+    service = Service(["worker", "--concurrency", str(concurrency), "--metrics-host", "127.0.0.1",
+                       "--metrics-port", str(free_port())],
                       dict(env) | {"INGEST_LOG_LEVEL": level}, log)
 
     def ready() -> bool:
@@ -240,9 +243,11 @@ class PrivatePostgres:
     private to root, and the server runs as postgres); `close` stops the server and removes it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *settings: str) -> None:
+        """`settings`: more server settings, such as "shared_preload_libraries=pg_stat_statements"."""
         self.dir = Path(tempfile.mkdtemp(prefix="ingest-pg-"))
         self.port = free_port()
+        self.settings = settings
         shutil.chown(self.dir, "postgres")
         self._pg("initdb", "-D", str(self.dir), "-A", "trust", "-U", "postgres", "--no-sync")
         self.start()
@@ -257,7 +262,8 @@ class PrivatePostgres:
 
     def start(self) -> None:
         self._pg("pg_ctl", "-D", str(self.dir), "-l", str(self.dir / "log"), "-w", "start", "-o",
-                 f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off")
+                 " ".join([f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+                           *(f"-c {setting}" for setting in self.settings)]))
 
     def stop(self, mode: str = "fast") -> None:
         self._pg("pg_ctl", "-D", str(self.dir), "-m", mode, "-w", "stop")
@@ -307,3 +313,65 @@ class PrivateRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+class HoldingProxy:
+    """A TCP proxy (to Redis, say) that can hold back the first chunk a client sends that matches a predicate,
+    until the test releases it: a way to put an event between two steps of a real server process."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.held = threading.Event()
+        self._release = threading.Event()
+        self._match: Callable[[bytes], bool] | None = None
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self, match: Callable[[bytes], bool]) -> None:
+        """Hold back the next chunk for which `match` is true; `held` is set once it arrives."""
+        with self._lock:
+            self.held.clear()
+            self._release.clear()
+            self._match = match
+
+    def release(self) -> None:
+        self._release.set()
+
+    def close(self) -> None:
+        self._release.set()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if upstream:
+                    with self._lock:
+                        matched = self._match is not None and self._match(data)
+                        if matched:
+                            self._match = None
+                    if matched:
+                        self.held.set()
+                        self._release.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+            source.close()

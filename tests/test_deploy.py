@@ -408,6 +408,59 @@ def test_compose_redis_persists_every_write() -> None:
     assert options.get("--appendonly") == "yes" and options.get("--appendfsync") == "always", command
 
 
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """A Compose value with ${NAME}, ${NAME:?message} and ${NAME:-default} filled in, as Compose does."""
+    def fill(match: re.Match[str]) -> str:
+        name, operator, argument = match[1], match[2] or "", match[3] or ""
+        if variables.get(name):
+            return variables[name]
+        assert "?" not in operator, f"Compose would refuse to start: {argument}"
+        return argument if "-" in operator else ""
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[?-])([^}]*))?\}", fill, value)
+
+
+# What an operator exports before `docker compose up` (deploy/README.md).
+COMPOSE_VARIABLES = {"POSTGRES_PASSWORD": "pg-secret", "REDIS_PASSWORD": "redis-secret"}
+
+
+def test_compose_redis_requires_the_password_every_service_connects_with() -> None:
+    services = compose()["services"]
+    redis = services["redis"]
+    raw = dict(zip(redis["command"][1::2], redis["command"][2::2], strict=True))
+    # Required (:?): without the variable Compose refuses to start, rather than run Redis without a password.
+    assert re.fullmatch(r"\$\{REDIS_PASSWORD:\?[^}]+\}", raw.get("--requirepass", "")), redis["command"]
+    assert interpolate(raw["--requirepass"], COMPOSE_VARIABLES) == "redis-secret"
+    with pytest.raises(AssertionError, match="Compose would refuse"):
+        interpolate(raw["--requirepass"], {})
+    connecting = {name for name, service in services.items() if "INGEST_REDIS_URL" in service.get("environment", {})}
+    assert connecting == {"migrate", "api", "worker"}
+    for name in connecting:
+        url = urllib.parse.urlsplit(interpolate(services[name]["environment"]["INGEST_REDIS_URL"], COMPOSE_VARIABLES))
+        assert (url.hostname, url.password) == ("redis", "redis-secret"), name
+    # The health check must log in too, and tell a PONG from a NOAUTH (redis-cli exits 0 on both).
+    assert interpolate(redis["environment"]["REDISCLI_AUTH"], COMPOSE_VARIABLES) == "redis-secret"
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"]) and "PONG" in redis["healthcheck"]["test"][-1]
+
+
+def test_compose_publishes_only_the_api_port() -> None:
+    """PostgreSQL, Redis and the workers' metrics stay on the project's network; only the API is published."""
+    services = compose()["services"]
+    published = {name: service["ports"] for name, service in services.items() if service.get("ports")}
+    api_port = cli_args(services["api"]["command"]).port
+    assert published == {"api": [f"{api_port}:{api_port}"]}
+    # Host networking would publish every port a container listens on.
+    assert [name for name, service in services.items() if "network_mode" in service] == []
+
+
+def test_make_run_binds_the_worker_metrics_to_loopback() -> None:
+    lines = [line.strip().removesuffix("&").strip() for line in (ROOT / "scripts" / "run.sh").read_text().splitlines()
+             if line.strip().startswith("ingest worker")]
+    assert lines, "scripts/run.sh starts no worker"
+    for line in lines:
+        assert cli_args(shlex.split(line)).metrics_host == "127.0.0.1", line
+
+
 def healthcheck_url(service: dict[str, Any]) -> urllib.parse.SplitResult:
     test = service["healthcheck"]["test"]
     text: str = " ".join(test) if isinstance(test, list) else test

@@ -6,16 +6,32 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import redis
 from conftest import Pipeline, Project, new_project
-from support import ROOT, Service, make_tests, service_env, start_api, start_worker, unique, wait_for
+from sqlalchemy import create_engine, text
+from support import (
+    ROOT,
+    PrivatePostgres,
+    PrivateRedis,
+    Service,
+    make_tests,
+    service_env,
+    start_api,
+    start_worker,
+    unique,
+    wait_for,
+)
 
 from ingest.admin import Admin
+from schema.db import upgrade
+from schema.status import WORKER_INFO_KEY, WORKERS_KEY
 
 SHIM_METRICS = {
     "ingest_queue_messages", "ingest_queue_depth", "ingest_queue_oldest_waiting_seconds",
@@ -178,3 +194,88 @@ def test_a_request_id_follows_the_request_into_the_worker(
     api_log = (logs / "api.log").read_text()
     refusals = [orjson.loads(line) for line in api_log.splitlines() if '"status":422' in line]
     assert refusals and refusals[0]["route"] == "thread_append" and len(refusals[0]["request_id"]) == 16
+
+
+def listening_address(port: int) -> str:
+    """The address a local TCP port listens on, from /proc/net/tcp (hex, as the kernel writes it)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, _, state = line.split()[1:4]
+        address, _, hex_port = local.partition(":")
+        if int(hex_port, 16) == port and state == "0A":
+            return ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_a_scrape_reads_the_workers_without_scanning_a_large_keyspace(tmp_path: Path, logs: Path) -> None:
+    """200,000 keys that are not the workers' (cached tokens, runs, batches...): a scrape reads the live workers
+    from their registry, never scanning, and counts them right; workers that stopped beating are left out, and
+    forgotten by the next heartbeat."""
+    server = PrivateRedis(tmp_path)
+    client: redis.Redis[bytes] = redis.Redis.from_url(server.url)
+    try:
+        for start in range(0, 200_000, 10_000):
+            client.mset({f"unrelated:{i}": b"x" for i in range(start, start + 10_000)})
+        seconds, _ = client.time()
+        client.zadd(WORKERS_KEY, {"gone:1": seconds - 3600})  # a worker that died an hour ago
+        client.hset(WORKER_INFO_KEY, "gone:1", orjson.dumps({"host": "gone", "pid": 1}))
+        env = service_env(redis_url=server.url, queue=unique("metrics"))
+        api, url = start_api(env, logs / "api.log")
+        workers = [start_worker(env, logs / f"worker{i}.log", concurrency=1) for i in range(2)]
+        try:
+            wait_for(lambda: scrape(url)["ingest_workers_alive"] == 2, what="both workers to be counted")
+            before = client.info("commandstats")
+            with httpx.Client(base_url=url) as http:
+                started = time.perf_counter()
+                for _ in range(20):
+                    assert "\ningest_workers_alive 2.0\n" in http.get("/metrics").text
+                per_scrape = (time.perf_counter() - started) / 20
+            after = client.info("commandstats")
+            used = {name.removeprefix("cmdstat_") for name, stats in after.items()
+                    if stats["calls"] > before.get(name, {"calls": 0})["calls"]}
+            print(f"\n{client.dbsize():,} keys: {per_scrape * 1000:.1f} ms a scrape; commands: {sorted(used)}")
+            assert "zrange" in used and not used & {"scan", "keys"}
+            assert {w["pid"] for w in status(env)["workers"]} == {w.proc.pid for w in workers}
+            assert client.zscore(WORKERS_KEY, "gone:1") is None and not client.hexists(WORKER_INFO_KEY, "gone:1")
+            port = int(workers[0].args[workers[0].args.index("--metrics-port") + 1])
+            assert listening_address(port) == "127.0.0.1"  # started with --metrics-host 127.0.0.1
+        finally:
+            api.stop()
+            for worker in workers:
+                worker.stop()
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_a_flood_of_scrapes_asks_the_database_once_a_second(tmp_path: Path, logs: Path) -> None:
+    """/metrics needs no token: 1,000 scrapes, four at a time, cost PostgreSQL one query a second at most."""
+    pg, server = PrivatePostgres("shared_preload_libraries=pg_stat_statements"), PrivateRedis(tmp_path)
+    engine = create_engine(pg.url, isolation_level="AUTOCOMMIT")
+    try:
+        upgrade(pg.url)
+        api, url = start_api(service_env(database_url=pg.url, redis_url=server.url), logs / "api.log")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("CREATE EXTENSION pg_stat_statements"))
+                conn.execute(text("SELECT pg_stat_statements_reset()"))
+
+                def scrapes(n: int) -> list[int]:
+                    with httpx.Client(base_url=url, timeout=30) as http:
+                        return [http.get("/metrics").status_code for _ in range(n)]
+
+                started = time.monotonic()
+                with ThreadPoolExecutor(4) as pool:
+                    codes = [code for chunk in pool.map(scrapes, [250] * 4) for code in chunk]
+                seconds = time.monotonic() - started
+                queries = conn.execute(text(
+                    "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%dead_letters%'"
+                )).scalar_one()
+            print(f"\n1,000 scrapes in {seconds:.1f} s: {queries} queries for the database's figures")
+            assert codes == [200] * 1000
+            assert 1 <= queries <= seconds + 1
+        finally:
+            api.stop()
+    finally:
+        engine.dispose()
+        pg.close()
+        server.stop()

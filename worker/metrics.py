@@ -1,4 +1,5 @@
-"""The worker's own metrics, and its liveness: served by the parent process on `--metrics-port`.
+"""The worker's own metrics, and its liveness: served by the parent process on
+`--metrics-host` and `--metrics-port`.
 
 Counters are incremented in the prefork children; prometheus_client's multiprocess mode (a directory of
 per-process files, set up by `ingest worker` before anything imports this module) lets the parent serve
@@ -39,7 +40,7 @@ class Liveness:
         return time.monotonic() - self.last_beat < HEARTBEAT_TTL_SECONDS
 
 
-def serve(port: int, concurrency: int) -> Liveness:
+def serve(host: str, port: int, concurrency: int) -> Liveness:
     """Start the heartbeat and the metrics server in the calling (parent) process."""
     settings = get_settings()
     liveness = Liveness()
@@ -79,7 +80,7 @@ def serve(port: int, concurrency: int) -> Liveness:
             pass
 
     threading.Thread(target=beat, name="ingest-heartbeat", daemon=True).start()
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="ingest-metrics", daemon=True).start()
-    log.info("metrics and /healthz on port %d", port)
+    log.info("metrics and /healthz on %s port %d", host, port)
     return liveness

@@ -9,7 +9,7 @@ import sqlalchemy.exc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -65,6 +65,12 @@ async def _dependency_down(request: Request, exc: Exception) -> Response:
     return error_response(unavailable(request.app.state.services.settings.retry_after_seconds, what))
 
 
+async def _client_gone(_: Request, __: Exception) -> Response:
+    # The client left before its body had arrived. Nobody reads this response: its status is for the request
+    # log and metrics, a client's doing (4xx) and not the server's (no traceback, no 500).
+    return error_response(ApiError(499, "The client closed the connection before its request was read."))
+
+
 async def _internal_error(_: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return error_response(ApiError(500, "Internal server error."))
@@ -88,6 +94,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
             sqlalchemy.exc.OperationalError: _dependency_down,
             sqlalchemy.exc.InterfaceError: _dependency_down,
             sqlalchemy.exc.TimeoutError: _dependency_down,

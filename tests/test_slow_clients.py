@@ -8,6 +8,7 @@ off a request on its own.
 """
 
 import contextlib
+import http.client
 import json
 import resource
 import selectors
@@ -29,8 +30,8 @@ from ingest.admin import Admin
 HEADER_TIMEOUT = 3.0
 BODY_TIMEOUT = 3.0
 KEEP_ALIVE = 2
-# How late after its deadline a connection may be closed: the server's timers are exact, but a thousand
-# connections are opened and closed in bursts on a machine the test shares with the server.
+# How late after its deadline a connection may be closed: the server looks for late connections four times a
+# second, and a thousand of them are opened and closed in bursts on a machine the test shares with the server.
 MARGIN = 1.0
 
 
@@ -146,15 +147,22 @@ class Appender:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        # http.client rather than httpx: on a loaded machine a heavier client's own CPU would be most of what
+        # is measured.
         body = append_body()
         headers = {"Authorization": f"Bearer {self.shim.token}", "Content-Type": "application/json",
                    "Connection": "close"}
-        with httpx.Client(base_url=self.shim.url, timeout=30, verify=False) as http:
-            while not self.stop.is_set():
-                start = time.perf_counter()
-                response = http.post(self.shim.append_path(), content=body, headers=headers)
-                self.latencies.append(time.perf_counter() - start)
-                self.codes.append(response.status_code)
+        while not self.stop.is_set():
+            start = time.perf_counter()
+            connection = http.client.HTTPConnection("127.0.0.1", self.shim.port, timeout=30)
+            try:
+                connection.request("POST", self.shim.append_path(), body, headers)
+                response = connection.getresponse()
+                response.read()
+            finally:
+                connection.close()
+            self.latencies.append(time.perf_counter() - start)
+            self.codes.append(response.status)
 
     def __enter__(self) -> "Appender":
         self.thread.start()
@@ -164,9 +172,9 @@ class Appender:
         self.stop.set()
         self.thread.join(60)
 
-    def p99_ms(self) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[int(len(ordered) * 0.99)] * 1000
+
+def p99_ms(latencies: list[float]) -> float:
+    return sorted(latencies)[int(len(latencies) * 0.99)] * 1000
 
 
 # --- slow clients ---------------------------------------------------------------------------------------------
@@ -235,11 +243,11 @@ def test_a_thousand_slow_clients_are_cut_off_while_appends_stay_fast(shim: Shim)
     timed_out = shim.logs().count('"message":"POST thread_append 408"')
     with Appender(shim) as appender:
         time.sleep(1)  # its own baseline, before the slow clients arrive
+        first = len(appender.latencies)
         clients = open_slow_clients(shim, per_kind=250)
         try:
-            while_held = len(appender.latencies)
             wait_closed(clients, timeout=max(HEADER_TIMEOUT, BODY_TIMEOUT) + 10)
-            while_held = len(appender.latencies) - while_held
+            while_held = appender.latencies[first:]
             time.sleep(1)
         finally:
             for client in clients:
@@ -258,11 +266,12 @@ def test_a_thousand_slow_clients_are_cut_off_while_appends_stay_fast(shim: Shim)
     slowest = {kind: round(max(c.closed - c.start for c in clients if c.kind == kind and c.closed), 2)
                for kind in {c.kind for c in clients}}
     print(f"slowest close after its deadline started, by kind: {slowest}")
-    print(f"appends: {len(appender.latencies)} ({while_held} while the slow clients were held), "
-          f"p99 {appender.p99_ms():.1f} ms, max {max(appender.latencies) * 1000:.1f} ms")
+    print(f"appends: {len(appender.latencies)}, p99 {p99_ms(appender.latencies[:first]):.1f} ms before the slow "
+          f"clients; {len(while_held)} while they were held and closed, p99 {p99_ms(while_held):.1f} ms, "
+          f"max {max(while_held) * 1000:.1f} ms")
     assert set(appender.codes) == {204}
-    assert while_held >= 100
-    assert appender.p99_ms() <= 20
+    assert len(while_held) >= 100
+    assert p99_ms(while_held) <= 20
     logs = shim.logs()
     assert "Traceback" not in logs and '"status":500' not in logs
     assert logs.count('"message":"POST thread_append 408"') - timed_out == 500

@@ -9,12 +9,13 @@ import sqlalchemy.exc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from api_shim import observe, openapi, reads, writes
 from api_shim.errors import ApiError, error_response, unavailable
+from api_shim.server import BODY_TIMED_OUT
 from api_shim.services import Services
 from schema.settings import Settings, get_settings
 
@@ -71,6 +72,15 @@ async def _dependency_down(request: Request, exc: Exception) -> Response:
     return error_response(unavailable(request.app.state.services.settings.retry_after_seconds, what))
 
 
+async def _client_gone(request: Request, _: Exception) -> Response:
+    # The client left before its body had arrived, or the server cut it off at the body deadline and answered
+    # 408 itself (api_shim/server.py). Nobody reads this response: its status is for the request log and
+    # metrics, a client's doing (4xx) and not the server's (no traceback, no 500).
+    if request.scope.get("state", {}).get(BODY_TIMED_OUT):
+        return error_response(ApiError(408, "The request body did not arrive in time."))
+    return error_response(ApiError(499, "The client closed the connection before its request was read."))
+
+
 async def _internal_error(_: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return error_response(ApiError(500, "Internal server error."))
@@ -94,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
             sqlalchemy.exc.OperationalError: _dependency_down,
             sqlalchemy.exc.InterfaceError: _dependency_down,
             sqlalchemy.exc.TimeoutError: _dependency_down,

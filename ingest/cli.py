@@ -19,11 +19,17 @@ def _db_upgrade(_: argparse.Namespace) -> None:
 def _api(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from api_shim.server import GuardedHttpToolsProtocol, raise_open_files_limit
+
+    settings = get_settings()
+    raise_open_files_limit(settings)
+    # ws="none": no route is a WebSocket, so an Upgrade header must not hand the connection to another protocol
+    # (and out of reach of the slow-client guard).
     uvicorn.run(
         "api_shim.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-        ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, loop="uvloop", http="httptools",
-        access_log=False, log_level=get_settings().log_level.lower(), backlog=4096, log_config=None,
-        timeout_keep_alive=30,
+        ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, loop="uvloop", http=GuardedHttpToolsProtocol,
+        ws="none", access_log=False, log_level=settings.log_level.lower(), backlog=4096, log_config=None,
+        timeout_keep_alive=settings.keep_alive_timeout_seconds,
     )
 
 

@@ -19,6 +19,18 @@ class Settings(BaseSettings):
     queue_high_water: int = 50_000
     queue_high_water_bytes: int = 2 * 1024**3
     max_body_bytes: int = 10 * 1024 * 1024
+    # Slow clients (api_shim/server.py): request headers must be complete this long after connecting (or after
+    # the previous response on a keep-alive connection), and a body this long after its headers, else 408 and
+    # the connection is closed. The official CLI sends each request at once and gives up on it after 60 s, so at
+    # 60 it can never be the one cut off.
+    header_timeout_seconds: float = 60.0
+    body_timeout_seconds: float = 60.0
+    # A keep-alive connection with no new request for this long is closed.
+    keep_alive_timeout_seconds: int = 30
+    # Connections one server process holds at once; a new one beyond them is answered 503 and closed. Far above
+    # what a CI fleet opens (a connection per job at a time), so that even a thousand slow clients, each held
+    # up to the timeouts above, leave room for everyone else.
+    max_connections: int = 10_000
     # How long what a shim read about a token from PostgreSQL is trusted, counted from that read, in Redis and
     # in every process: it bounds how long a revoke or a grant takes to reach every shim.
     auth_cache_seconds: float = 10.0

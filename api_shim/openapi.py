@@ -6,6 +6,7 @@ choices from `api_shim.reads`, and the limits from `schema.requests`. The respon
 after `api_shim.reads` (compat.md section 2); `tests/test_fuzz.py` checks real responses against them.
 """
 
+import typing
 from functools import cache
 from typing import Any
 
@@ -15,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api_shim.reads import EXPANDS, PER_PAGE, SORTS, THREAD_EXPANDS
-from schema.requests import BIGINT_MAX, BODIES
+from schema.requests import BIGINT_MAX, BODIES, CustomField
 from schema.statuses import COUNT_COLUMNS, RUN_STATUS_FAILED, RUN_STATUS_PASSED, RUN_STATUS_RUNNING
 
 API = "/api/v1"
@@ -58,13 +59,25 @@ COUNTERS: dict[str, Schema] = {name: COUNT for name in (*COUNT_COLUMNS, "success
 def _request_bodies() -> tuple[dict[str, Schema], dict[str, str]]:
     """The request Structs' JSON schemas, with the Structs they use, as components: (schemas, body names)."""
     _, schemas = msgspec.json.schema_components(BODIES, ref_template=REF.replace("{model}", "{name}"))
-    return schemas, {body.__name__: body.__name__ for body in BODIES}
+    return {name: without_discriminators(schema) for name, schema in schemas.items()}, \
+        {body.__name__: body.__name__ for body in BODIES}
+
+
+def without_discriminators(schema: Any) -> Any:
+    # msgspec describes a tagged union with a discriminator keyed by integers (the field types 1 to 5), which
+    # OpenAPI does not allow; its anyOf says the same.
+    if isinstance(schema, dict):
+        return {k: without_discriminators(v) for k, v in schema.items() if k != "discriminator"}
+    if isinstance(schema, list):
+        return [without_discriminators(v) for v in schema]
+    return schema
 
 
 def _response_schemas() -> dict[str, Schema]:
     """What `api_shim.reads` and `api_shim.errors` return."""
     # Stored artifacts, fields and links are the validated request objects, as the client sent them.
     stored = {"artifacts": _list(_ref("Artifact")), "fields": _list(_ref("CustomField"))}
+    custom_field = {"anyOf": [_ref(kind.__name__) for kind in typing.get_args(CustomField)]}
     run: dict[str, Schema] = {
         "id": ID, "project_id": ID, "source_id": ID, "name": {"type": "string"}, "status": RUN_STATUS,
         "config_id": _nullable(ID), "milestone_id": _nullable(ID), "elapsed": _nullable(MICROS),
@@ -105,6 +118,7 @@ def _response_schemas() -> dict[str, Schema]:
         "User": _object({"id": ID, "name": {"type": "string"}, "email": _nullable({"type": "string"}),
                          "created_at": TIMESTAMP}),
         "NamedObject": named,
+        "CustomField": custom_field,
         "Status": status,
         "Expands": expands,
         "Run": _object(run),

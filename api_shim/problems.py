@@ -139,10 +139,13 @@ def problems(body_type: type[Struct], body: bytes) -> Problems:
 def _check_object(members: dict[str, Any], struct: type[Struct], path: Path, found: Problems) -> None:
     """`members` are Raw values, or (at the top) values the lenient scan decoded: lists as their Raw items."""
     fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    tag_field = struct.__struct_config__.tag_field  # checked already, by the union that chose this Struct
     for key, raw in members.items():
         if found.full:
             return
         info = fields.get(key)
+        if key == tag_field:
+            continue
         if info is None:
             found.add((*path, key), "is not a field of this object")
         elif isinstance(raw, list):
@@ -163,13 +166,21 @@ def _check(raw: Raw, annotation: Any, path: Path, found: Problems) -> None:
     except msgspec.ValidationError as exc:
         first = _AT.sub("", str(exc))
     container, limit = _container(annotation)
-    if isinstance(container, type) and issubclass(container, Struct):
+    tagged = _tagged(container)
+    if tagged or (isinstance(container, type) and issubclass(container, Struct)):
         try:
             members = _OBJECT.decode(raw)
         except msgspec.ValidationError:
             found.add(path, first)
-        else:
-            _check_object(members, container, path, found)
+            return
+        if tagged:  # a union of Structs told apart by a field (a custom field's `type`): the one it names
+            tag_field, by_tag = tagged
+            tag = _number(members[tag_field]) if tag_field in members else None
+            container = by_tag.get(tag) if isinstance(tag, int) and not isinstance(tag, bool) else None
+            if container is None:
+                found.add((*path, tag_field), first if tag_field in members else "is required")
+                return
+        _check_object(members, container, path, found)
         return
     origin = typing.get_origin(container)
     if origin is list:
@@ -234,6 +245,8 @@ def _container(annotation: Any) -> tuple[Any, int | None]:
     if typing.get_origin(annotation) is typing.Annotated:
         annotation, *metas = typing.get_args(annotation)
         limit = next((m.max_length for m in metas if isinstance(m, msgspec.Meta)), None)
+    if _tagged(annotation):
+        return annotation, limit
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         for member in typing.get_args(annotation):
             inner, inner_limit = _container(member)
@@ -245,7 +258,19 @@ def _container(annotation: Any) -> tuple[Any, int | None]:
 
 def _is_container(annotation: Any) -> bool:
     return (isinstance(annotation, type) and issubclass(annotation, Struct)) or \
-        typing.get_origin(annotation) in (list, dict)
+        typing.get_origin(annotation) in (list, dict) or _tagged(annotation) is not None
+
+
+@cache
+def _tagged(annotation: Any) -> tuple[str, dict[Any, type[Struct]]] | None:
+    """For a union of tagged Structs: the tag field, and each member by its tag."""
+    if not (isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union):
+        return None
+    members = [m for m in typing.get_args(annotation) if isinstance(m, type) and issubclass(m, Struct)]
+    configs = [m.__struct_config__ for m in members]
+    if len(members) < 2 or any(c.tag is None for c in configs):
+        return None
+    return str(configs[0].tag_field), {c.tag: m for c, m in zip(configs, members, strict=True)}
 
 
 @cache

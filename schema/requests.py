@@ -27,8 +27,6 @@ INT_MAX = 2**31 - 1
 # JSON bytes together. A run's GET and a worker's update of it stay small, whatever its clients send.
 OBJECT_ITEMS_MAX = 500
 OBJECT_BYTES_MAX = 1024 * 1024
-# Meta integers must survive a round trip through PostgreSQL's jsonb and back out as JSON: 64 bits, signed or not.
-META_INT_MIN, META_INT_MAX = -(2**63), 2**64 - 1
 
 # Integers the official CLI can send beyond what their columns hold (JavaScript prints a JUnit time of 10^20
 # seconds as 1e+26): saturated at the column's largest value rather than refused (api_shim/repair.py).
@@ -47,26 +45,47 @@ Id = Annotated[int, Meta(ge=1, le=BIGINT_MAX)]
 # The CLI checks the patterns of tags and sources, then cuts both at STRING_MAX.
 Tag = Annotated[str, Meta(min_length=1, max_length=STRING_MAX, pattern=r"^[A-Za-z0-9_-]+$")]
 SourceName = Annotated[str, Meta(min_length=1, max_length=STRING_MAX, pattern=r"^[A-Za-z0-9-]+$")]
-# Floats small enough that jsonb does not print them back as integers wider than 64 bits. Integers are
-# bounded after decoding (META_INT_MIN..META_INT_MAX): msgspec bounds only signed 64-bit ones.
-MetaInt = Annotated[int, Meta(extra_json_schema={"minimum": -(2**63), "maximum": 2**64 - 1})]
-MetaValue = ShortText | MetaInt | Annotated[float, Meta(ge=-1e15, le=1e15)] | bool | None
+# Integers of 64 bits, signed, and floats small enough that jsonb does not print them back as integers wider
+# than that: so that a stored run can always be read back.
+MetaValue = (ShortText | Annotated[int, Meta(ge=-(2**63), le=BIGINT_MAX)]
+             | Annotated[float, Meta(ge=-1e15, le=1e15)] | bool | None)
 
 FIELD_STRING, FIELD_TEXT, FIELD_HTML, FIELD_CONSOLE, FIELD_URL = 1, 2, 3, 4, 5
-VALUE_MAX = {FIELD_STRING: STRING_MAX, FIELD_TEXT: TEXT_MAX, FIELD_HTML: TEXT_MAX, FIELD_CONSOLE: TEXT_MAX,
-             FIELD_URL: URL_MAX}
 
 
 class Body(Struct, forbid_unknown_fields=True):
     """Strict: unknown keys are refused."""
 
 
-class CustomField(Body):
-    type: Annotated[int, Meta(ge=FIELD_STRING, le=FIELD_URL)]
+class Field(Body, tag_field="type"):
+    """A custom field; its `type` says which of the kinds below, each with its own limit on the value."""
+
     name: FieldName
-    value: Annotated[str, Meta(max_length=TEXT_MAX)]  # and VALUE_MAX by type
     meta: Annotated[dict[ShortText, MetaValue], Meta(max_length=META_KEYS_MAX)] | UnsetType | None = UNSET
     is_highlight: bool | UnsetType | None = UNSET
+
+
+class StringField(Field, tag=FIELD_STRING, kw_only=True):
+    value: ShortText
+
+
+class TextField(Field, tag=FIELD_TEXT, kw_only=True):
+    value: Annotated[str, Meta(max_length=TEXT_MAX)]
+
+
+class HtmlField(Field, tag=FIELD_HTML, kw_only=True):
+    value: Annotated[str, Meta(max_length=TEXT_MAX)]
+
+
+class ConsoleField(Field, tag=FIELD_CONSOLE, kw_only=True):
+    value: Annotated[str, Meta(max_length=TEXT_MAX)]
+
+
+class UrlField(Field, tag=FIELD_URL, kw_only=True):
+    value: Annotated[str, Meta(max_length=URL_MAX)]
+
+
+CustomField = StringField | TextField | HtmlField | ConsoleField | UrlField
 
 
 class Artifact(Body):
@@ -184,11 +203,6 @@ def validate(body_type: type[Body], raw: bytes, statuses: dict[str, int] | None 
     tests as `results` rows (schema.messages.RESULT_FIELDS) with their `counts` by status id. Raises what
     `decode` raises, or BodyError."""
     body = decode(body_type, raw)
-    errors: dict[str, list[str]] = {}
-    if isinstance(body, Resources) and body.fields:
-        _check_fields(body.fields, "fields", errors)
-    if errors:
-        raise BodyError(errors)
     if isinstance(body, ThreadAppend):
         tests, body.tests = body.tests, UNSET
         fields: dict[str, Any] = msgspec.to_builtins(body)
@@ -219,8 +233,6 @@ def thread_append_results(tests: list[ResultIn], statuses: dict[str, int]) -> di
         if elapsed is not None:
             elapsed_sum = saturating_add(elapsed_sum, elapsed)
         fields = test.fields or None
-        if fields:
-            _check_fields(fields, f"tests.{i}.fields", errors)
         artifacts = test.artifacts or None
         rows.append([status_id, test.key, test.name, _given(test.folder), elapsed, _given(test.file),
                      _given(test.line), _given(test.assertions),
@@ -239,14 +251,3 @@ def thread_append_results(tests: list[ResultIn], statuses: dict[str, int]) -> di
 
 def _given(value: Any) -> Any:
     return None if value is UNSET else value
-
-
-def _check_fields(fields: list[CustomField], path: str, errors: dict[str, list[str]]) -> None:
-    for i, field in enumerate(fields):
-        limit = VALUE_MAX[field.type]
-        if len(field.value) > limit:
-            errors[f"{path}.{i}.value"] = [f"must be at most {limit} characters for a field of type {field.type}"]
-        if field.meta:
-            for key, value in field.meta.items():
-                if type(value) is int and not META_INT_MIN <= value <= META_INT_MAX:
-                    errors[f"{path}.{i}.meta.{key}"] = ["must be an integer of at most 64 bits"]

@@ -13,7 +13,7 @@ from api_shim.errors import NOT_JSON, ApiError, invalid_body, not_found
 from api_shim.problems import NotAnObject, field_path
 from api_shim.repair import has_unstorable_escape, saturated, storable_escapes
 from api_shim.services import Services
-from schema.requests import Body, BodyError, validate
+from schema.requests import B, BodyError, validate
 
 BIGINT_MAX = 2**63 - 1
 
@@ -47,10 +47,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse(body_type: type[Body], body: bytes, statuses: dict[str, int] | None = None) -> dict[str, Any]:
-    """The body validated against one of the Structs of `schema.requests`, as the fields of its queued
-    operation (`schema.requests.validate`). What the official CLI sends that cannot be stored as it stands is
-    repaired (api_shim/repair.py), never refused; anything else wrong is a 400 or a 422 listing the problems."""
+async def parse(body_type: type[B], body: bytes, statuses: dict[str, int] | None = None,
+                nul: bool = True) -> tuple[B, bytes]:
+    """The body validated against one of the Structs of `schema.requests` (`schema.requests.validate`), and
+    the JSON it was decoded from, repaired: what the official CLI sends that cannot be stored as it stands is
+    repaired (api_shim/repair.py), never refused; anything else wrong is a 400 or a 422 listing the problems.
+
+    With `nul` false, an escaped NUL is left for the worker to replace (it does so for thread appends, whose
+    body it stores as the shim passes it on): the hot path does not scan the body for one."""
     if not body.strip():
         body = b"{}"  # a complete without a body means "no options"
     # Each repair removes what it repairs, so the body is validated at most three times (surrogates, then
@@ -69,14 +73,14 @@ async def parse(body_type: type[Body], body: bytes, statuses: dict[str, int] | N
             continue
         except BodyError as exc:
             raise invalid_body(exc.errors) from None
-        if b"\\u0000" in body and (repaired := storable_escapes(body)) is not None:
+        if nul and b"\\u0000" in body and (repaired := storable_escapes(body)) is not None:
             body = repaired  # a NUL, escaped: validate the body again with U+FFFD in its place
             continue
-        return parsed
+        return parsed, body
     raise AssertionError("a repaired body was refused again for what was repaired")
 
 
-async def _saturated_or_refused(body_type: type[Body], body: bytes, exc: msgspec.ValidationError) -> bytes:
+async def _saturated_or_refused(body_type: type[B], body: bytes, exc: msgspec.ValidationError) -> bytes:
     """The body with its too large integers saturated, or (there are none) the 422 that lists its problems."""
     try:
         found = await problems.find(body_type, body)

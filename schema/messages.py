@@ -87,12 +87,16 @@ class RunCompleteOp(OpBase):
 class ThreadAppendOp(OpBase):
     kind: Literal["thread.append"]
     thread_id: int
+    # The request body as the shim accepted it (schema.requests.ThreadAppend), raw JSON as it came: the worker
+    # decodes it with the same declaration and makes its tests rows (worker/apply.py).
+    body: NotRequired[Any]
+    # What an earlier version sent instead of the body: the tests as rows, with their counts by status id
+    # ([status id, count] pairs) and the sum of their elapsed. Still applied, from queues and dead letters.
     elapsed_observed: NotRequired[int]
     elapsed_computed: NotRequired[int]
     fields: NotRequired[list[JsonObject]]
     artifacts: NotRequired[list[JsonObject]]
     results: NotRequired[list[ResultRow]]
-    # How many of the results have each status: [status id, count] pairs; and the sum of their elapsed.
     counts: NotRequired[list[list[int]]]
     results_elapsed: NotRequired[int]
 

@@ -175,7 +175,6 @@ class ThreadComplete(Body):
 BODIES: tuple[type[Body], ...] = (RunCreate, RunAppend, RunComplete, ThreadCreate, ThreadAppend, ThreadComplete)
 B = TypeVar("B", bound=Body)
 _DECODERS: dict[type[Body], msgspec.json.Decoder[Any]] = {body: msgspec.json.Decoder(body) for body in BODIES}
-_encode = msgspec.json.Encoder().encode
 
 
 def saturating_add(total: int | None, part: int) -> int:
@@ -198,56 +197,24 @@ def decode(body_type: type[B], raw: bytes) -> B:
     return body
 
 
-def validate(body_type: type[Body], raw: bytes, statuses: dict[str, int] | None = None) -> dict[str, Any]:
-    """The body as the fields of its queued operation: the keys the client gave, and for a thread append its
-    tests as `results` rows (schema.messages.RESULT_FIELDS) with their `counts` by status id. Raises what
-    `decode` raises, or BodyError."""
+def validate(body_type: type[B], raw: bytes, statuses: dict[str, int] | None = None) -> B:
+    """The body decoded and validated; with `statuses` (lower-case accepted strings to status ids), a thread
+    append's status strings checked against them. Raises what `decode` raises, or BodyError."""
     body = decode(body_type, raw)
-    if isinstance(body, ThreadAppend):
-        tests, body.tests = body.tests, UNSET
-        fields: dict[str, Any] = msgspec.to_builtins(body)
-        if tests:
-            fields |= thread_append_results(tests, statuses or {})
-        return fields
+    if statuses is not None and isinstance(body, ThreadAppend) and body.tests:
+        check_statuses(body.tests, statuses)
+    return body
+
+
+def check_statuses(tests: list[ResultIn], statuses: dict[str, int]) -> None:
+    # The distinct strings only: a thousand tests of a handful of statuses cost a handful of lookups.
+    unknown = {status for status in {test.status for test in tests} if status.lower() not in statuses}
+    if unknown:
+        message = "unknown status; accepted: " + ", ".join(sorted(statuses))
+        raise BodyError({f"tests.{i}.status": [message] for i, test in enumerate(tests) if test.status in unknown})
+
+
+def given(body: Body) -> dict[str, Any]:
+    """The keys the client gave, with their values, as plain JSON-ready objects."""
     out: dict[str, Any] = msgspec.to_builtins(body)
     return out
-
-
-def thread_append_results(tests: list[ResultIn], statuses: dict[str, int]) -> dict[str, Any]:
-    """An append's tests as `results` rows, counted by status; raises BodyError.
-
-    One pass over the tests maps each status string to its status id, checks field values, and counts the
-    results by status, so that the worker only has to hand the rows to COPY.
-    """
-    errors: dict[str, list[str]] = {}
-    rows = []
-    counts: dict[int, int] = {}
-    elapsed_sum = None
-    for i, test in enumerate(tests):
-        status_id = statuses.get(test.status.lower())
-        if status_id is None:
-            errors[f"tests.{i}.status"] = ["unknown status; accepted: " + ", ".join(sorted(statuses))]
-            continue
-        counts[status_id] = counts.get(status_id, 0) + 1
-        elapsed = _given(test.elapsed)
-        if elapsed is not None:
-            elapsed_sum = saturating_add(elapsed_sum, elapsed)
-        fields = test.fields or None
-        artifacts = test.artifacts or None
-        rows.append([status_id, test.key, test.name, _given(test.folder), elapsed, _given(test.file),
-                     _given(test.line), _given(test.assertions),
-                     _encode(fields).decode() if fields else None,
-                     _encode(artifacts).decode() if artifacts else None])
-    if errors:
-        raise BodyError(errors)
-    out: dict[str, Any] = {}
-    if rows:
-        out["results"] = rows
-        out["counts"] = sorted([status_id, n] for status_id, n in counts.items())
-    if elapsed_sum is not None:
-        out["results_elapsed"] = elapsed_sum
-    return out
-
-
-def _given(value: Any) -> Any:
-    return None if value is UNSET else value

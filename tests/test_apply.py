@@ -15,7 +15,7 @@ from support import unique
 from schema.messages import Op
 from schema.requests import ThreadAppend, validate
 from schema.statuses import COUNT_COLUMNS, DEFAULT_STATUSES, alias_map
-from worker.apply import Outcome, apply_ops
+from worker.apply import Outcome, apply_ops, decode_batch
 
 
 class Seed:
@@ -51,9 +51,12 @@ class Seed:
         return self.append_tests(thread, tests, **fields)
 
     def append_tests(self, thread: int, tests: list[dict[str, Any]], **fields: Any) -> Any:
-        """A thread append as the shim enqueues it (`validate` turns tests into result rows)."""
-        body = validate(ThreadAppend, orjson.dumps({"tests": tests}), alias_map(DEFAULT_STATUSES))
-        return self.op("thread.append", thread_id=self.threads[thread], **body, **fields)
+        """A thread append as the shim enqueues it: the request body, validated, passed on as it came."""
+        raw = orjson.dumps({"tests": tests, **fields})
+        validate(ThreadAppend, raw, alias_map(DEFAULT_STATUSES))
+        [op] = decode_batch(orjson.dumps([self.op("thread.append", thread_id=self.threads[thread])])[:-2]
+                            + b',"body":' + raw + b"}]")
+        return op
 
     def complete_thread(self, thread: int, expected: int, **fields: Any) -> Any:
         return self.op("thread.complete", thread_id=self.threads[thread], expected=expected, **fields)
@@ -176,7 +179,7 @@ def test_appends_after_completion_are_dead_lettered_not_counted(engine: Engine) 
                               {"id": late["id"]}).one()
         claimed = conn.execute(text("SELECT count(*) FROM applied_ops WHERE id = :id"), {"id": late["id"]})
         assert claimed.scalar_one() == 0  # released, so that a replay can apply it
-    assert letter.kind == "thread.append" and letter.payload["results"][0][0] == FAILED
+    assert letter.kind == "thread.append" and letter.payload["body"]["tests"][0]["status"] == STATUS_NAMES[FAILED]
 
 
 def test_a_completed_run_never_moves(engine: Engine) -> None:
@@ -218,12 +221,11 @@ def test_parallel_workers_with_duplicates_neither_deadlock_nor_miscount(engine: 
     """Batches over the same threads, each op delivered twice in shuffled batches, applied concurrently."""
     rng = random.Random(7)
     seed = Seed(engine, threads=6)
-    appends = [seed.append(rng.randrange(6), [rng.choice([PASSED, FAILED, SKIPPED]) for _ in range(5)])
-               for _ in range(120)]
+    statuses = [[rng.choice([PASSED, FAILED, SKIPPED]) for _ in range(5)] for _ in range(120)]
+    appends = [seed.append(rng.randrange(6), these) for these in statuses]
     expected: dict[int, int] = {}
-    for op in appends:
-        for row in op["results"]:
-            expected[row[0]] = expected.get(row[0], 0) + 1
+    for status_id in (s for these in statuses for s in these):
+        expected[status_id] = expected.get(status_id, 0) + 1
     deliveries = appends * 2
     rng.shuffle(deliveries)
     batches = [deliveries[i:i + 8] for i in range(0, len(deliveries), 8)]

@@ -13,16 +13,20 @@ run's remaining open threads after the run itself. That is safe: a run is finali
 operation accepted for it has been applied, so no other transaction holds or waits for those threads.
 """
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import msgspec
 import orjson
+from msgspec import UNSET
 from sqlalchemy import Connection
 
+from schema.escapes import storable_escapes
 from schema.messages import RESULT_FIELDS, JsonObject, Op, ThreadAppendOp, ThreadCompleteOp
-from schema.requests import saturating_add
+from schema.requests import ThreadAppend, decode, given, saturating_add
 from schema.statuses import COUNT_COLUMNS, RUN_STATUS_FAILED, RUN_STATUS_PASSED
 
 N_STATUSES = len(COUNT_COLUMNS)
@@ -90,6 +94,40 @@ class Outcome:
     runs_completed: list[int] = field(default_factory=list)
 
 
+_OPS = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
+_VALUE = msgspec.json.Decoder()
+_encode = msgspec.json.Encoder().encode
+
+
+def decode_batch(payload: bytes) -> list[Op]:
+    """A stored batch's operations. A thread append's `body` (the request as the shim accepted it) stays raw
+    JSON until `_thread_append` decodes it with its request declaration; the rest is small."""
+    if b"\\u0000" in payload:  # the shim leaves escaped NULs in thread appends to here (api_shim/http.py)
+        payload = storable_escapes(payload) or payload
+    return [cast(Op, {key: raw if key == "body" else _VALUE.decode(raw) for key, raw in op.items()})
+            for op in _OPS.decode(payload)]
+
+
+def encode_op(op: Op) -> bytes:
+    """An operation as JSON again (for a dead letter), its raw body included as it came."""
+    return _encode(op)
+
+
+_aliases: tuple[float, dict[str, int]] = (0.0, {})
+ALIASES_SECONDS = 30.0
+
+
+def status_aliases(conn: Connection) -> dict[str, int]:
+    """Accepted status strings (lower case) to status ids, read again every ALIASES_SECONDS."""
+    global _aliases
+    read_at, aliases = _aliases
+    if time.monotonic() - read_at > ALIASES_SECONDS or not aliases:
+        aliases = {alias.lower(): status_id for status_id, alias in conn.exec_driver_sql(
+            "SELECT id, unnest(aliases) FROM statuses")}
+        _aliases = (time.monotonic(), aliases)
+    return aliases
+
+
 def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
     outcome = Outcome()
     fresh = claim(conn, ops)
@@ -97,6 +135,7 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
     if not fresh:
         return outcome
     failed_ids = failed_status_ids(conn)
+    aliases = status_aliases(conn) if any("body" in op for op in fresh) else {}
 
     # Threads first.
     threads = lock_threads(conn, sorted({t for op in fresh if (t := thread_of(op)) is not None}))
@@ -105,7 +144,7 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
     for op in fresh:
         error = None
         if op["kind"] == "thread.append":
-            error = _thread_append(threads.get(op["thread_id"]), op, rows)
+            error = _thread_append(threads.get(op["thread_id"]), op, rows, aliases)
         elif op["kind"] == "thread.complete":
             error = _thread_complete(threads.get(op["thread_id"]), op)
         if error:
@@ -156,24 +195,70 @@ def thread_of(op: Op) -> int | None:
 
 # --- operations on threads ---------------------------------------------------------------------------------
 
-def _thread_append(thread: ThreadState | None, op: ThreadAppendOp, rows: list[tuple[Any, ...]]) -> str | None:
+def _thread_append(thread: ThreadState | None, op: ThreadAppendOp, rows: list[tuple[Any, ...]],
+                   aliases: dict[str, int]) -> str | None:
     if thread is None:
         return "unknown thread"
     if thread.is_completed:
         return "thread already completed"
-    run_id, thread_id, at = thread.run_id, thread.id, op["at"]
-    rows.extend((run_id, thread_id, *row, at) for row in op.get("results", ()))
-    for status_id, n in op.get("counts", ()):
-        thread.counts[status_id - 1] += n
-        thread.delta[status_id - 1] += n
-    elapsed = op.get("results_elapsed")
-    if elapsed is not None:
-        thread.results_elapsed = saturating_add(thread.results_elapsed, elapsed)
-    _add_elapsed(thread, op)
-    thread.new_fields.extend(op.get("fields", ()))
-    thread.new_artifacts.extend(op.get("artifacts", ()))
+    raw = op.get("body")
+    if raw is not None:
+        error = _append_body(thread, decode(ThreadAppend, cast(msgspec.Raw, raw)), op["at"], rows, aliases)
+        if error:
+            return error
+    else:  # enqueued by an earlier version, which sent the tests as rows
+        run_id, thread_id, at = thread.run_id, thread.id, op["at"]
+        rows.extend((run_id, thread_id, *row, at) for row in op.get("results", ()))
+        for status_id, n in op.get("counts", ()):
+            thread.counts[status_id - 1] += n
+            thread.delta[status_id - 1] += n
+        elapsed = op.get("results_elapsed")
+        if elapsed is not None:
+            thread.results_elapsed = saturating_add(thread.results_elapsed, elapsed)
+        _add_elapsed(thread, op)
+        thread.new_fields.extend(op.get("fields", ()))
+        thread.new_artifacts.extend(op.get("artifacts", ()))
     thread.appends_applied += 1
     thread.changed = True
+    return None
+
+
+def _append_body(thread: ThreadState, body: ThreadAppend, at: str, rows: list[tuple[Any, ...]],
+                 aliases: dict[str, int]) -> str | None:
+    """An append's tests as result rows (RESULT_FIELDS, between the run and thread ids and the accept time),
+    counted into the thread."""
+    run_id, thread_id = thread.run_id, thread.id
+    start = len(rows)
+    counts, delta = thread.counts, thread.delta
+    elapsed_sum = None
+    for test in body.tests or ():
+        status_id = aliases.get(test.status.lower())
+        if status_id is None:  # the status table changed since the shim accepted it
+            del rows[start:]
+            return f"unknown status {test.status[:100]!r}"
+        elapsed = None if test.elapsed is UNSET else test.elapsed
+        if elapsed is not None:
+            elapsed_sum = saturating_add(elapsed_sum, elapsed)
+        fields, artifacts = test.fields, test.artifacts
+        rows.append((run_id, thread_id, status_id, test.key, test.name,
+                     None if test.folder is UNSET else test.folder, elapsed,
+                     None if test.file is UNSET else test.file, None if test.line is UNSET else test.line,
+                     None if test.assertions is UNSET else test.assertions,
+                     _encode(fields).decode() if fields else None,
+                     _encode(artifacts).decode() if artifacts else None, at))
+    for row in rows[start:]:
+        counts[row[2] - 1] += 1
+        delta[row[2] - 1] += 1
+    if elapsed_sum is not None:
+        thread.results_elapsed = saturating_add(thread.results_elapsed, elapsed_sum)
+    for name in ("elapsed_observed", "elapsed_computed"):
+        part = getattr(body, name)
+        if part is not UNSET and part is not None:
+            setattr(thread, name, saturating_add(getattr(thread, name), part))
+    if body.fields:
+        thread.new_fields.extend(given(body)["fields"])
+    if body.artifacts:
+        thread.new_artifacts.extend(given(body)["artifacts"])
     return None
 
 
@@ -398,7 +483,7 @@ def dead_letter(conn: Connection, dead: list[tuple[Op, str]]) -> None:
         # A replay that fails again: the letter is dead again, with its latest error.
         "ON CONFLICT (op_id) DO UPDATE SET error = excluded.error, failures = dead_letters.failures + 1, "
         "  replayed_at = NULL",
-        [(op["id"], op["kind"], op["run_id"], op.get("thread_id"), orjson.dumps(op).decode(), error)
+        [(op["id"], op["kind"], op["run_id"], op.get("thread_id"), encode_op(op).decode(), error)
          for op, error in dead],
     )
 

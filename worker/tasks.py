@@ -5,7 +5,6 @@ import logging
 import random
 from typing import cast
 
-import orjson
 import psycopg
 import redis
 from celery import Task
@@ -15,7 +14,7 @@ from schema.messages import ACCOUNTED_LUA, APPLY_TASK, Op, pending_key
 from schema.status import STATS_KEY
 from worker import metrics
 from worker.app import app
-from worker.apply import Outcome, apply_ops, dead_letter
+from worker.apply import Outcome, apply_ops, dead_letter, decode_batch
 from worker.db import batches, unit_of_work
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ def take_batches(key: str, siblings: bool = True) -> tuple[list[tuple[str, int]]
             continue
         size += len(payload)
         found.append((name, len(payload)))
-        ops.extend(orjson.loads(payload))
+        ops.extend(decode_batch(cast(bytes, payload)))
     return found, ops
 
 

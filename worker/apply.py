@@ -226,30 +226,30 @@ def _thread_append(thread: ThreadState | None, op: ThreadAppendOp, rows: list[tu
 def _append_body(thread: ThreadState, body: ThreadAppend, at: str, rows: list[tuple[Any, ...]],
                  aliases: dict[str, int]) -> str | None:
     """An append's tests as result rows (RESULT_FIELDS, between the run and thread ids and the accept time),
-    counted into the thread."""
+    counted into the thread. The loop runs for every result the server stores: keep it lean."""
     run_id, thread_id = thread.run_id, thread.id
-    start = len(rows)
-    counts, delta = thread.counts, thread.delta
-    elapsed_sum = None
+    tally = [0] * N_STATUSES  # added to the thread only once every test is known good
+    new: list[tuple[Any, ...]] = []
+    add = new.append
+    elapsed_sum = 0
+    timed = False
     for test in body.tests or ():
         status_id = aliases.get(test.status.lower())
         if status_id is None:  # the status table changed since the shim accepted it
-            del rows[start:]
             return f"unknown status {test.status[:100]!r}"
-        elapsed = None if test.elapsed is UNSET else test.elapsed
+        elapsed = test.elapsed
         if elapsed is not None:
-            elapsed_sum = saturating_add(elapsed_sum, elapsed)
+            elapsed_sum += elapsed
+            timed = True
         fields, artifacts = test.fields, test.artifacts
-        rows.append((run_id, thread_id, status_id, test.key, test.name,
-                     None if test.folder is UNSET else test.folder, elapsed,
-                     None if test.file is UNSET else test.file, None if test.line is UNSET else test.line,
-                     None if test.assertions is UNSET else test.assertions,
-                     _encode(fields).decode() if fields else None,
-                     _encode(artifacts).decode() if artifacts else None, at))
-    for row in rows[start:]:
-        counts[row[2] - 1] += 1
-        delta[row[2] - 1] += 1
-    if elapsed_sum is not None:
+        add((run_id, thread_id, status_id, test.key, test.name, test.folder, elapsed, test.file, test.line,
+             test.assertions, _encode(fields).decode() if fields else None,
+             _encode(artifacts).decode() if artifacts else None, at))
+        tally[status_id - 1] += 1
+    rows.extend(new)
+    thread.counts = [a + b for a, b in zip(thread.counts, tally, strict=True)]
+    thread.delta = [a + b for a, b in zip(thread.delta, tally, strict=True)]
+    if timed:
         thread.results_elapsed = saturating_add(thread.results_elapsed, elapsed_sum)
     for name in ("elapsed_observed", "elapsed_computed"):
         part = getattr(body, name)

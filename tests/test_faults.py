@@ -4,10 +4,13 @@ Each test runs its own shim and workers (and, where it breaks one, its own Postg
 killing or stopping them never disturbs the rest of the suite.
 """
 
+import asyncio
 import contextlib
 import os
 import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -21,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import uvloop
 from sqlalchemy import Engine, create_engine, text
 from support import (
     ROOT,
@@ -37,6 +41,7 @@ from support import (
     wait_for,
 )
 
+from api_shim.services import RedisConnection
 from ingest.admin import Admin
 from schema.db import upgrade
 from schema.messages import leased_key, pending_key
@@ -334,6 +339,33 @@ def test_batches_whose_messages_redis_lost_are_applied_all_the_same(
     finally:
         store.close()
         redis_server.stop()
+
+
+def test_a_connection_redis_reset_is_unavailable_not_an_internal_error() -> None:
+    """Redis dying resets the connections it had just accepted. Writing to one under uvloop, as the shim runs,
+    raised RuntimeError, which made an append during the outage a 500 where it should be a 503."""
+
+    async def main() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+        server = await asyncio.start_server(lambda _, writer: accepted.append(writer), "127.0.0.1", 0)
+        conn = RedisConnection(host="127.0.0.1", port=server.sockets[0].getsockname()[1], socket_timeout=5)
+        try:
+            await conn._connect()  # the socket alone: this server cannot answer the handshake a real Redis would
+            while not accepted:
+                await asyncio.sleep(0.01)
+            reset = struct.pack("ii", 1, 0)  # close without lingering: a reset
+            accepted[0].get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset)
+            accepted[0].close()
+            while conn._writer is not None and not conn._writer.transport.is_closing():
+                await asyncio.sleep(0.01)
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await conn.send_command("PING", check_health=False)
+        finally:
+            await conn.disconnect()
+            server.close()
+            await server.wait_closed()
+
+    uvloop.run(main())
 
 
 def ingest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

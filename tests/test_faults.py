@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import redis
 import uvloop
@@ -377,7 +378,8 @@ def ingest(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 
 
 def test_an_operation_the_database_refuses_is_dead_lettered_then_replayed(
-        stack_factory: Callable[..., Stack], engine: Engine, database_url: str) -> None:
+        stack_factory: Callable[..., Stack], engine: Engine, database_url: str,
+        redis_client: "redis.Redis[bytes]") -> None:
     stack = stack_factory()
     project_id, token = project_on(database_url, TEST_REDIS_URL)
     poison = f"poison-{uuid.uuid4().hex}"
@@ -415,18 +417,32 @@ def test_an_operation_the_database_refuses_is_dead_lettered_then_replayed(
 
         with engine.begin() as conn:
             conn.execute(text(f"DROP TRIGGER {function} ON automation_results"))
-        replay = ingest("dlq", "replay", str(letter_id), env=stack.env)
-        assert replay.returncode == 0, replay.stderr
-        assert "1 operation(s) queued again" in replay.stdout
+        # Replayed twice before a worker gets to it (twice by mistake, or two operators at once): both copies
+        # reach the queue, and the operation's id makes the second change nothing.
+        stack.workers[0].stop()
+        queue = stack.env["INGEST_QUEUE"]
+        for _ in range(2):
+            replay = ingest("dlq", "replay", str(letter_id), env=stack.env)
+            assert replay.returncode == 0, replay.stderr
+            assert "1 operation(s) queued again" in replay.stdout
+        replayed = [orjson.loads(orjson.loads(message)["body"])[0][0] for message in redis_client.lrange(queue, 0, -1)]
+        assert len(replayed) == 2 and redis_client.exists(*replayed) == 2
+        stack.start_worker()
 
         run = api.wait_completed(run_id)
         assert run["total_count"] == 4 and run["failure_count"] == 1 and run["status"] == 3
         assert stored_keys(engine, run_id) == {"good-1": 1, "good-2": 1, "good-3": 1, poison: 1}
         assert f"{letter_id:>6} applied" in ingest("dlq", "list", "--all", env=stack.env).stdout
-        # Replaying again applies nothing twice.
-        ingest("dlq", "replay", str(letter_id), env=stack.env)
-        time.sleep(1)
+        # A worker took both copies (a batch is deleted only once its transaction has committed) and the
+        # second changed nothing.
+        wait_for(lambda: redis_client.llen(queue) == 0 and redis_client.exists(*replayed) == 0,
+                 what="both replays to be consumed")
         assert api.run(run_id)["total_count"] == 4
+        assert stored_keys(engine, run_id)[poison] == 1
+        # Once applied, a letter is not queued again at all.
+        again = ingest("dlq", "replay", str(letter_id), env=stack.env)
+        assert again.returncode == 0 and "0 operation(s) queued again" in again.stdout
+        assert redis_client.llen(queue) == 0
     finally:
         api.close()
         with engine.begin() as conn:

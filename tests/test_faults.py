@@ -47,6 +47,7 @@ from ingest.admin import Admin
 from schema.db import upgrade
 from schema.messages import leased_key, pending_key
 from schema.settings import Settings
+from schema.status import UNACKED_KEY
 
 STATUSES = ["passed", "failed", "skipped"]
 
@@ -101,15 +102,35 @@ class Fleet:
         for w in workers:
             w.join()
 
-    def complete(self) -> dict[str, Any]:
+    def complete(self, explain: Callable[[], str] = str) -> dict[str, Any]:
+        """Complete every thread and the run, and wait for the run; `explain` says why it did not complete."""
         api = Api(self.url, self.token)
         try:
             for thread_id in self.thread_ids:
                 api.complete_thread(thread_id)
             api.complete_run(self.run_id)
-            return api.wait_completed(self.run_id, timeout=120)
+            try:
+                return api.wait_completed(self.run_id, timeout=120)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {explain()}") from None
         finally:
             api.close()
+
+
+def stalled(engine: Engine, redis_url: str, queue: str, run_id: int) -> str:
+    """Where a run that does not complete stands: its completion barrier, its open threads', what Redis holds."""
+    with engine.connect() as conn:
+        run = conn.execute(text("SELECT ops_applied, ops_expected FROM automation_runs WHERE id = :r"),
+                           {"r": run_id}).one()
+        threads = conn.execute(text(
+            "SELECT id, appends_applied, appends_expected FROM automation_run_threads "
+            "WHERE run_id = :r AND NOT is_completed ORDER BY id"), {"r": run_id}).all()
+    with redis.Redis.from_url(redis_url) as store:
+        held = {"waiting": store.llen(queue), "reserved": store.hlen(UNACKED_KEY),
+                "pending": store.llen(pending_key(queue)), "leased": store.zcard(leased_key(queue)),
+                "batches": sum(1 for _ in store.scan_iter("ingest:batch:*"))}
+    return (f"operations applied/expected {run.ops_applied}/{run.ops_expected}; open threads "
+            f"{[f'{t.id}: {t.appends_applied}/{t.appends_expected}' for t in threads]}; in Redis {held}")
 
 
 def stored_keys(engine: Engine, run_id: int) -> dict[str, int]:
@@ -229,7 +250,7 @@ def test_workers_killed_mid_batch_lose_nothing_and_count_nothing_twice(
         stop.set()
         thread.join()
 
-    run = fleet.complete()
+    run = fleet.complete(lambda: stalled(engine, TEST_REDIS_URL, stack.env["INGEST_QUEUE"], fleet.run_id))
     assert len(kills) >= 10
     assert fleet.refused == {}
     assert_exactly_once(engine, fleet, run)
@@ -262,7 +283,7 @@ def test_postgres_down_for_20_seconds(private: tuple[PrivatePostgres, PrivateRed
         assert fleet.refused == {}
         pg.start()
 
-        run = fleet.complete()
+        run = fleet.complete(lambda: stalled(engine, redis_server.url, stack.env["INGEST_QUEUE"], fleet.run_id))
         assert_exactly_once(engine, fleet, run)
         assert run["total_count"] == len(fleet.accepted) >= 6 * 20 * 10
     finally:
@@ -301,7 +322,7 @@ def test_redis_restarted_with_aof_keeps_every_accepted_append(
 
         assert set(fleet.refused) <= {503, 0}, fleet.refused
         assert fleet.refused, "the outage should have refused some appends"
-        run = fleet.complete()
+        run = fleet.complete(lambda: stalled(engine, redis_server.url, stack.env["INGEST_QUEUE"], fleet.run_id))
         assert_exactly_once(engine, fleet, run, maybe=fleet.refused_keys)
     finally:
         redis_server.stop()

@@ -4,12 +4,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import redis.exceptions
 import sqlalchemy.exc
 from redis import Redis as SyncRedis
-from redis.asyncio import Redis
+from redis.asyncio import Connection, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -39,6 +41,21 @@ DATABASE_FIGURES_SECONDS = 1.0
 BATCH_OPS = 200
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_THREADS = 200
+
+
+class RedisConnection(Connection):
+    """A connection to Redis whose lost socket is always a ConnectionError, answered 503.
+
+    uvloop raises RuntimeError, not OSError, on a write to a socket the peer has reset, which is what a
+    connection Redis accepted just before it died gets; redis-py lets that through (redis/redis-py#4287 is the
+    same with plain asyncio), so such a request got a 500.
+    """
+
+    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:
+            raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
 
 
 @dataclass
@@ -118,8 +135,9 @@ class Services:
             settings.database_url, pool_size=20, max_overflow=10, pool_pre_ping=True, pool_timeout=30,
             connect_args={"connect_timeout": 3},
         )
+        # (rediss:// and unix:// URLs bring connection classes of their own, without that fix.)
         redis = Redis.from_url(settings.redis_url, max_connections=256, socket_timeout=5,
-                               socket_connect_timeout=3)
+                               socket_connect_timeout=3, connection_class=RedisConnection)
         queue = Queue(redis, settings.queue, settings.queue_high_water, settings.queue_high_water_bytes)
         state = State(engine, queue)
         return cls(

@@ -3,7 +3,9 @@
 The shim stores a batch of operations, a JSON list, under a Redis key (`batch_key`), and enqueues one Celery
 task, `ops.apply`, whose only argument is that key; it also notes the key in the queue's pending list, from
 which a worker applying one batch takes others to apply in the same transaction. A batch is deleted once its
-operations are committed, so a message whose batch is gone has nothing left to do.
+operations are committed, so a message whose batch is gone has nothing left to do. A message is only a
+reminder: one can be lost when Redis crashes, and the pending list, the leases on what workers took from it and
+the sweeper (`worker/sweeper.py`) make sure each stored batch is applied all the same.
 
 Each operation has its own id, claimed by the worker in the same transaction as its effect, so an operation
 delivered twice changes nothing. The shape is plain JSON (TypedDicts, not models) because the worker handles
@@ -51,6 +53,12 @@ def thread_key(thread_id: int) -> str:
 def pending_key(queue: str) -> str:
     """The list of batches enqueued on `queue`, oldest first: a worker applying one takes others from it."""
     return f"ingest:pending:{queue}"
+
+
+def leased_key(queue: str) -> str:
+    """The sorted set of batches a worker took from the pending list, scored by when its lease ends: a batch
+    whose transaction never committed goes back to the pending list then (see `worker/tasks.py`)."""
+    return f"ingest:leased:{queue}"
 
 JsonObject = dict[str, Any]
 

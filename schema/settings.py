@@ -48,14 +48,15 @@ class Settings(BaseSettings):
     # Messages a worker child reserves ahead of the one it applies.
     worker_prefetch: int = 4
     # Seconds a message reserved by a worker may stay unacknowledged before Redis hands it to another worker
-    # (a worker killed outright never acknowledges). Longer than the slowest batch.
+    # (a worker killed outright never acknowledges), and how long a batch taken from the pending list is leased.
+    # Longer than the slowest batch.
     visibility_timeout: int = 300
     # Runs (and threads of open runs) with nothing applied for this long are completed as they stand.
     complete_idle_after_seconds: int = 24 * 3600
     # An open run counts as stuck (in metrics and `ingest status`) after this long without activity, or this long
     # after its complete was accepted.
     stuck_after_seconds: int = 3600
-    # How often a worker looks for such runs and threads.
+    # How often a worker looks for such runs and threads, and for batches no message will bring.
     sweep_interval_seconds: int = 60
     # Scheduling niceness added to worker processes: where the shim shares the machine, accepting requests
     # takes precedence over applying them (the queue absorbs the difference).

@@ -305,6 +305,7 @@ class PrivateRedis:
         wait_for(up, timeout=30, what="redis to start")
 
     def kill(self) -> None:
+        """A crash of the process, not of the machine: what Redis wrote but did not fsync yet is kept."""
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)

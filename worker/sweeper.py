@@ -1,9 +1,13 @@
-"""Completing runs and threads nobody completes: a CI job that died never sends its complete.
+"""Completing runs and threads nobody completes, and applying batches no message will bring.
 
 A run (or a thread of an open run) with nothing applied for `INGEST_COMPLETE_IDLE_AFTER_SECONDS` is completed
 as it stands and marked `completed_reason = 'timeout'`; `ingest admin run complete ID` does the same at once
 ('forced'). Either way the run or thread is first closed in Redis, so that the shim refuses what comes after;
 anything accepted before and still queued is dead-lettered when it arrives, never counted late.
+
+A batch's message can be lost while its batch is safe in Redis (see `worker/tasks.py`): the sweeper returns
+batches whose lease ran out to the pending list, and when no message is left to take pending batches along,
+enqueues one that will.
 """
 
 import logging
@@ -11,14 +15,44 @@ import threading
 
 from redis import Redis
 
-from schema.messages import CLOSED_TTL_SECONDS, run_key, thread_key
+from api_shim.queue import celery_message
+from schema.messages import CLOSED_TTL_SECONDS, leased_key, pending_key, run_key, thread_key
 from schema.settings import get_settings
 from worker.apply import complete_threads, force_complete_run, idle_runs, idle_threads
 from worker.db import batches, unit_of_work
+from worker.tasks import SIBLINGS
 
 log = logging.getLogger(__name__)
 
 SWEEP_LOCK = "ingest:sweeper"
+
+# KEYS: leases, pending list. Batches whose lease ended go back to the head of the pending list, oldest first.
+_RECLAIM = """
+local ended = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', redis.call('TIME')[1], 'LIMIT', 0, 1000)
+for i = #ended, 1, -1 do redis.call('LPUSH', KEYS[2], ended[i]) end
+if #ended > 0 then redis.call('ZREM', KEYS[1], unpack(ended)) end
+return #ended
+"""
+
+
+def rescue(queue: str) -> list[str]:
+    """Make sure stored batches are applied whatever became of their messages; the batches new messages were
+    enqueued for."""
+    store = batches()
+    reclaimed = store.eval(_RECLAIM, 2, leased_key(queue), pending_key(queue))
+    if reclaimed:
+        log.warning("%s leased batches were not deleted in time: pending again", reclaimed)
+    # Each waiting message takes pending batches with it; with none waiting, nothing else would.
+    if store.llen(queue):
+        return []
+    pending = pending_key(queue)
+    pipe = store.pipeline(transaction=False)
+    for i in range(0, store.llen(pending), SIBLINGS):
+        pipe.lindex(pending, i)
+    keys = [key.decode() for key in pipe.execute() if key is not None]
+    for key in keys:
+        store.lpush(queue, celery_message(queue, key))  # as the shim enqueues them
+    return keys
 
 
 def close(store: Redis, keys: list[str]) -> None:
@@ -60,6 +94,7 @@ def start() -> threading.Thread:
         while not stop.wait(settings.sweep_interval_seconds):
             try:
                 if batches().set(SWEEP_LOCK, "1", nx=True, ex=settings.sweep_interval_seconds):
+                    rescue(settings.queue)
                     sweep(settings.complete_idle_after_seconds)
             except Exception as exc:  # a sweep that fails is tried again at the next interval
                 log.warning("sweep failed: %s", type(exc).__name__)

@@ -10,7 +10,8 @@ import redis
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
-from schema.messages import ACCOUNTED_LUA, APPLY_TASK, Op, pending_key
+from schema.messages import ACCOUNTED_LUA, APPLY_TASK, Op, leased_key, pending_key
+from schema.settings import get_settings
 from schema.status import STATS_KEY
 from worker import metrics
 from worker.app import app
@@ -64,38 +65,63 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
 
 
-# KEYS: stats, then batches. ARGV: their payloads' sizes. Only the worker that deletes a batch discounts it, by
-# what the shim counted for it.
+# KEYS: stats, leases, then batches. ARGV: their payloads' sizes. Only the worker that deletes a batch discounts
+# it, by what the shim counted for it; deleting it also ends its lease.
 _DELETE = ACCOUNTED_LUA + """
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   if redis.call('DEL', KEYS[i]) == 1 then
-    redis.call('HINCRBY', KEYS[1], 'queued_bytes', -accounted(tonumber(ARGV[i - 1])))
+    redis.call('HINCRBY', KEYS[1], 'queued_bytes', -accounted(tonumber(ARGV[i - 2])))
+  end
+  redis.call('ZREM', KEYS[2], KEYS[i])
+end
+"""
+
+# KEYS: pending list, leases. ARGV: how many, lease seconds. Takes batches from the pending list and leases them
+# in the same step: if the transaction that took them never commits (its worker killed, Redis gone before the
+# reply), the sweeper puts them back when the lease ends. Their own messages cannot be relied on: Redis loses a
+# message it handed out just before crashing, and Celery drops a message whose retry it could not enqueue.
+# Batches already applied and deleted are dropped from the list here. (The batch keys are not declared: the
+# Celery Redis transport needs a single Redis, not a cluster, anyway.)
+_TAKE = """
+local taken = redis.call('LPOP', KEYS[1], ARGV[1])
+if not taken then return {} end
+local until_ = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[2])
+local out = {}
+for _, key in ipairs(taken) do
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('ZADD', KEYS[2], until_, key)
+    out[#out + 1] = key
   end
 end
+return out
 """
 
 
 def delete_batches(keys: list[tuple[str, int]]) -> None:
-    """Delete applied batches (name, size) and take their bytes off the queue's count."""
+    """Delete applied batches (name, size), end their leases and take their bytes off the queue's count."""
     if keys:
-        batches().eval(_DELETE, len(keys) + 1, STATS_KEY, *(name for name, _ in keys), *(size for _, size in keys))
+        batches().eval(_DELETE, len(keys) + 2, STATS_KEY, leased_key(app.conf.task_default_queue),
+                       *(name for name, _ in keys), *(size for _, size in keys))
 
 
 def take_batches(key: str, siblings: bool = True) -> tuple[list[tuple[str, int]], list[Op]]:
     """This message's batch and, to apply in the same transaction, others waiting in the pending list.
 
-    Under load many small batches wait; applying them together keeps the cost per result flat. Taking a
-    batch here is only a hint: it stays stored, and its own message still comes, until it is applied.
+    Under load many small batches wait; applying them together keeps the cost per result flat. A batch
+    taken here stays stored, and leased, until it is applied.
     """
     store = batches()
     others: list[bytes] = []
     if siblings:
-        others = cast(list[bytes] | None, store.lpop(pending_key(app.conf.task_default_queue), SIBLINGS)) or []
+        queue = app.conf.task_default_queue
+        others = cast(list[bytes], store.eval(_TAKE, 2, pending_key(queue), leased_key(queue), SIBLINGS,
+                                              get_settings().visibility_timeout))
     keys = [key, *(k.decode() for k in others if k.decode() != key)]
     found: list[tuple[str, int]] = []
     ops: list[Op] = []
     size = 0
     for name, payload in zip(keys, store.mget(keys), strict=True):
+        # A sibling left out for its size stays leased: its own message, or the lease's end, brings it back.
         if payload is None or (found and size + len(payload) > MAX_BYTES):
             continue
         size += len(payload)

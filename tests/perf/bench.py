@@ -4,10 +4,12 @@
     .venv/bin/python tests/perf/bench.py --runs 20 --threads 50 --appends 10 --tests 100
 
 It starts its own shim and workers on the database `ingest_bench` and Redis database 14 (so it never
-touches a development server), creates R runs of T threads, and has `--concurrency` CI jobs at a time each
-push one thread's A appends of B tests and complete it; then it completes the runs and polls until every
-counter is exact. In the same run it measures how fast the same PostgreSQL takes as many equivalent rows by
-COPY, and prints both. Not collected by pytest: run it by hand or with `make bench`.
+touches a development server; `--database-url` and `--redis-url` choose others), creates R runs of T threads,
+and has `--concurrency` CI jobs at a time each push one thread's A appends of B tests and complete it; then it
+completes the runs and polls until all are completed. In the same run it measures how fast the same PostgreSQL
+takes as many equivalent rows by COPY, and prints both. It exits with status 1, saying what differed, if any
+request was answered otherwise than expected or any run's counters or stored results differ from what the
+fleet sent. Not collected by pytest: run it by hand or with `make bench`.
 """
 
 import argparse
@@ -205,19 +207,17 @@ async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace,
     before_poll()
     accepted_seconds = t_last_complete - t0
 
-    # Poll until every run is completed with exact counters (the list endpoint: runs without their threads).
+    # Poll until every run is completed (the list endpoint: runs without their threads), keeping its counters.
     pending = set(runs)
-    mismatched: dict[int, Any] = {}
+    counters: dict[int, dict[int, int]] = {}
     while pending:
         page = orjson.loads(await stats.call(
             conns[0], "list runs", "GET", f"/api/v1/projects/{project_id}/automation/runs?per_page=100", ok=200))
         for run in page["result"]:
             if run["id"] in pending and run["is_completed"]:
                 pending.discard(run["id"])
-                want = expected_run[run["id"]]
                 got = {1: run["untested_count"], **{i + 1: run[f"status{i}_count"] for i in range(1, 25)}}
-                if {k: v for k, v in got.items() if v} != dict(want):
-                    mismatched[run["id"]] = (dict(want), {k: v for k, v in got.items() if v})
+                counters[run["id"]] = {k: v for k, v in got.items() if v}
         if pending:
             await asyncio.sleep(0.02)
             if time.perf_counter() - t_last_complete > args.timeout:
@@ -227,7 +227,21 @@ async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace,
         c.close()
     total = sum(sum(c.values()) for c in expected_run.values())
     return {"stats": stats, "total": total, "expected": expected_run, "e2e_seconds": t_exact - t_start,
-            "accepted_seconds": accepted_seconds, "lag": t_exact - t_last_complete, "mismatched": mismatched}
+            "accepted_seconds": accepted_seconds, "lag": t_exact - t_last_complete, "counters": counters}
+
+
+def problems(errors: dict[str, int], expected: dict[int, dict[int, int]], counters: dict[int, dict[int, int]],
+             stored: dict[int, dict[int, int]]) -> list[str]:
+    """What went wrong, one line each: requests answered otherwise than expected, and runs whose counters (as
+    the API reports them) or stored results (counted in the database) differ from what the fleet sent."""
+    out = [f"{n} {what} responses" for what, n in sorted(errors.items())]
+    for run_id, want in sorted(expected.items()):
+        for what, got in (("counters", counters.get(run_id, {})), ("stored results", stored.get(run_id, {}))):
+            wrong = [f"status {i}: {want.get(i, 0)} expected, {got.get(i, 0)} found"
+                     for i in sorted(want.keys() | got.keys()) if want.get(i, 0) != got.get(i, 0)]
+            if wrong:
+                out.append(f"run {run_id} {what}: " + "; ".join(wrong))
+    return out
 
 
 # --- raw COPY of as many equivalent rows -------------------------------------------------------------------------
@@ -369,12 +383,14 @@ def main() -> None:
     parser.add_argument("--worker-after", action="store_true",
                         help="start the workers only once every request is accepted: shim and drain apart")
     parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "bench")
+    parser.add_argument("--database-url", default=BENCH_DATABASE_URL, help="dropped and created again")
+    parser.add_argument("--redis-url", default=BENCH_REDIS_URL, help="flushed")
     args = parser.parse_args()
 
-    settings = Settings(database_url=BENCH_DATABASE_URL, redis_url=BENCH_REDIS_URL)
-    drop_database(BENCH_DATABASE_URL)
-    upgrade(BENCH_DATABASE_URL)
-    with redis.Redis.from_url(BENCH_REDIS_URL) as client:
+    settings = Settings(database_url=args.database_url, redis_url=args.redis_url)
+    drop_database(args.database_url)
+    upgrade(args.database_url)
+    with redis.Redis.from_url(args.redis_url) as client:
         client.flushdb()
     admin = Admin(settings)
     project_id = admin.create_project("bench")
@@ -382,7 +398,7 @@ def main() -> None:
     admin.close()
 
     args.logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ) | {"INGEST_DATABASE_URL": BENCH_DATABASE_URL, "INGEST_REDIS_URL": BENCH_REDIS_URL,
+    env = dict(os.environ) | {"INGEST_DATABASE_URL": args.database_url, "INGEST_REDIS_URL": args.redis_url,
                               "INGEST_LOG_LEVEL": "WARNING"}
     api, api_url = start_api(env, args.logs / "api.log", extra_args=["--workers", str(args.api_workers)])
     workers: list[Service] = []
@@ -408,14 +424,11 @@ def main() -> None:
         api.stop()
         for w in workers:
             w.stop()
-    stored = stored_counts(BENCH_DATABASE_URL)
-    for run_id, want in result["expected"].items():
-        if stored.get(run_id) != dict(want):
-            result["mismatched"][run_id] = ("stored results", dict(want), stored.get(run_id))
-    print("measuring raw COPY ...", file=sys.stderr)
-    copy_rate = raw_copy_rate(BENCH_DATABASE_URL, result["total"]) if result["total"] else float("nan")
-
     stats: Stats = result["stats"]
+    wrong = problems(stats.errors, result["expected"], result["counters"], stored_counts(args.database_url))
+    print("measuring raw COPY ...", file=sys.stderr)
+    copy_rate = raw_copy_rate(args.database_url, result["total"]) if result["total"] else float("nan")
+
     total = result["total"]
     e2e_rate = total / result["e2e_seconds"]
     print(f"\nfleet: {args.runs} runs x {args.threads} threads x {args.appends} appends x {args.tests} tests "
@@ -448,7 +461,12 @@ def main() -> None:
     print(sampler.report())
     print("CPU seconds during the fleet: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
           + f" (wall {result['e2e_seconds']:.1f} s, {os.cpu_count()} cores)")
-    print(f"every counter matched: {'yes' if not result['mismatched'] else 'NO ' + str(result['mismatched'])}")
+    if wrong:
+        print("\nFAILED: not every request was accepted and counted exactly once:", file=sys.stderr)
+        for line in wrong:
+            print(f"  {line}", file=sys.stderr)
+        sys.exit(1)
+    print("every request accepted, every counter and stored result exact")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
-"""The ASGI application: where each request goes."""
+"""The ASGI application: where each request goes (thread appends by api_shim/hot.py, the rest by `routes`)."""
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import redis.exceptions
 import sqlalchemy.exc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api_shim import observe, openapi, reads, writes
 from api_shim.errors import ApiError, error_response, unavailable
+from api_shim.hot import HotPath
 from api_shim.server import BODY_TIMED_OUT
 from api_shim.services import Services
 from schema.settings import Settings, get_settings
@@ -86,7 +87,31 @@ async def _internal_error(_: Request, exc: Exception) -> Response:
     return error_response(ApiError(500, "Internal server error."))
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
+    ApiError: _api_error,
+    HTTPException: _http_error,
+    ClientDisconnect: _client_gone,
+    sqlalchemy.exc.OperationalError: _dependency_down,
+    sqlalchemy.exc.InterfaceError: _dependency_down,
+    sqlalchemy.exc.TimeoutError: _dependency_down,
+    redis.exceptions.ConnectionError: _dependency_down,
+    redis.exceptions.TimeoutError: _dependency_down,
+    Exception: _internal_error,
+}
+
+
+def error_for(scope: Scope, exc: Exception) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The answer the app's exception handlers give `exc`, as an ASGI app (for api_shim/hot.py)."""
+    handler = next(h for kind in type(exc).__mro__ if (h := HANDLERS.get(kind)) is not None)
+
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        response = await handler(Request(scope, receive), exc)
+        await response(scope, receive, send)
+
+    return answer
+
+
+def create_app(settings: Settings | None = None) -> ASGIApp:
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -97,19 +122,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         yield
         await services.close()
 
-    return Starlette(
-        routes=routes,
-        middleware=[Middleware(observe.Observe)],
-        lifespan=lifespan,
-        exception_handlers={
-            ApiError: _api_error,
-            HTTPException: _http_error,
-            ClientDisconnect: _client_gone,
-            sqlalchemy.exc.OperationalError: _dependency_down,
-            sqlalchemy.exc.InterfaceError: _dependency_down,
-            sqlalchemy.exc.TimeoutError: _dependency_down,
-            redis.exceptions.ConnectionError: _dependency_down,
-            redis.exceptions.TimeoutError: _dependency_down,
-            Exception: _internal_error,
-        },
-    )
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=dict(HANDLERS))
+    # Every request is observed (request id, metrics, log line); thread appends then take the direct path,
+    # the rest Starlette's routes.
+    return observe.Observe(HotPath(app, error_for))

@@ -1,12 +1,14 @@
 """Small request and response helpers shared by the endpoints."""
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from api_shim import problems
 from api_shim.errors import NOT_JSON, ApiError, invalid_body, not_found
@@ -32,19 +34,29 @@ def path_id(request: Request, name: str, what: str) -> int:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to pass `limit` (before it is all read)."""
-    if request.headers.get("content-encoding", "identity").lower() != "identity":
+    return await receive_body(request.headers.get("content-encoding"), request.headers.get("content-length"),
+                              request.receive, limit)
+
+
+async def receive_body(encoding: str | None, declared: str | None, receive: Receive, limit: int) -> bytes:
+    """`read_body` from the ASGI messages themselves (api_shim/hot.py has no Request)."""
+    if encoding is not None and encoding.lower() != "identity":
         raise ApiError(415, "Compressed request bodies are not supported.")
-    declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"The request body is larger than {limit} bytes.")
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"The request body is larger than {limit} bytes.")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def parse(body_type: type[B], body: bytes, statuses: dict[str, int] | None = None,
@@ -110,5 +122,14 @@ def iso(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_second: tuple[int, str] = (0, "")
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """The time now as `iso` writes it. Every operation carries one: the formatted second is kept, and only
+    the microseconds are written anew."""
+    global _second
+    second, nanos = divmod(time.time_ns(), 1_000_000_000)
+    if second != _second[0]:
+        _second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{_second[1]}{nanos // 1000:06d}Z"

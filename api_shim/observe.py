@@ -7,6 +7,7 @@ summed.
 """
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -64,8 +65,8 @@ class Observe:
             seconds = time.perf_counter() - start
             endpoint = scope.get("endpoint")
             route = getattr(endpoint, "__name__", "unmatched")
-            REQUESTS.labels(route, scope["method"], str(code)).inc()
-            DURATION.labels(route).observe(seconds)
+            _requests(route, scope["method"], code).inc()
+            _duration(route).observe(seconds)
             # Refusals and failures are worth a line at INFO; successes only at DEBUG (thousands a second).
             level = logging.WARNING if code >= 500 else logging.INFO if code >= 400 else logging.DEBUG
             if log.isEnabledFor(level):
@@ -77,6 +78,17 @@ class Observe:
 # A client's request id is kept only if it is plainly an id: it is echoed, logged and carried in operations,
 # and must never be anything a reader could take for structure.
 _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
+@functools.cache
+def _requests(route: str, method: str, code: int) -> Counter:
+    # A labelled child looked up once, not on every request (labels() builds its key under a lock).
+    return REQUESTS.labels(route, method, str(code))
+
+
+@functools.cache
+def _duration(route: str) -> Histogram:
+    return DURATION.labels(route)
 
 
 def _request_id(scope: Scope) -> str:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api_shim.errors import ApiError, already_completed, invalid, not_found
-from api_shim.http import json_response, no_content, now_iso, parse, path_id, read_body, services
+from api_shim.http import BIGINT_MAX, json_response, no_content, now_iso, parse, path_id, read_body, services
 from api_shim.observe import request_id
 from api_shim.queue import ThreadOp, held, resources_of
 from api_shim.services import Services
@@ -37,9 +37,13 @@ from schema.requests import (
 
 
 def _new_op(kind: str, run_id: int, user_id: int, request: Request) -> dict[str, Any]:
+    return _op_head(kind, run_id, user_id, request_id(request))
+
+
+def _op_head(kind: str, run_id: int, user_id: int, request_id: str) -> dict[str, Any]:
     # The request id goes with the operation, so that the worker's log lines can be joined to the shim's.
     return {"kind": kind, "id": new_op_id(), "run_id": run_id, "user_id": user_id, "at": now_iso(),
-            "request_id": request_id(request)}
+            "request_id": request_id}
 
 
 _ID_PREFIX = secrets.token_hex(8)
@@ -120,18 +124,31 @@ async def _run_ref(request: Request) -> tuple[Services, int, int]:
 # --- the hot path ------------------------------------------------------------------------------------------
 
 async def thread_append(request: Request) -> Response:
-    s, ref, user_id = await _thread_ref(request)
-    body, raw = await parse(ThreadAppend, await read_body(request, s.settings.max_body_bytes),
-                            s.statuses.aliases, nul=False)
+    """The route's own endpoint; requests take the direct path in api_shim/hot.py, to the same function."""
+    await accept_thread_append(services(request), request.headers.get("authorization"),
+                               request.path_params["thread_id"], request_id(request),
+                               lambda limit: read_body(request, limit))
+    return no_content()
+
+
+async def accept_thread_append(s: Services, authorization: str | None, thread_id: int, request_id: str,
+                               read: Callable[[int], Awaitable[bytes]]) -> None:
+    """Authorise, validate and enqueue a thread append (raises ApiError when it is refused)."""
+    principal = await s.auth.authenticate(authorization)
+    ref = await s.state.thread(thread_id) if 1 <= thread_id <= BIGINT_MAX else None
+    if ref is None:
+        raise not_found("Thread")
+    principal.authorize(ref.project_id)
+    body, raw = await parse(ThreadAppend, await read(s.settings.max_body_bytes), s.statuses.aliases, nul=False)
     # The body goes on as the client sent it (repaired if it had to be), never encoded again: the worker
     # decodes it with the same declaration, and turns its tests into rows.
-    head = orjson.dumps(_new_op("thread.append", ref.run_id, user_id, request) | {"thread_id": ref.thread_id})
+    head = orjson.dumps(_op_head("thread.append", ref.run_id, principal.user_id, request_id)
+                        | {"thread_id": ref.thread_id})
     resources = resources_of(given(body))[0] if body.fields or body.artifacts else ""
     append = ThreadOp("a", ref.run_id, ref.thread_id, head[:-1] + b',"body":' + raw + b"}",
                       len(body.tests) if body.tests else 0, resources)
     verdict = await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.thread_ops.submit(append))
     _check_accepted(s, verdict, "thread")
-    return no_content()
 
 
 async def thread_complete(request: Request) -> Response:

@@ -148,12 +148,34 @@ def make_append(rng: random.Random, thread_no: int, append_no: int, tests: int,
     return orjson.dumps({"tests": items})
 
 
-async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace,
+@dataclass
+class Plan:
+    """The fleet's requests, made before the clock starts: generating them is the client's work, not the
+    server's, and costs seconds (sha256 keys, JSON) that must count neither in the rates nor in the CPU."""
+
+    jobs: list[tuple[int, int]]  # (run index, thread number), in the order the CI jobs take them
+    bodies: list[list[bytes]]  # each job's appends
+    expected: dict[int, dict[int, int]]  # by run index: results by status id
+
+
+def prepare(args: argparse.Namespace) -> Plan:
+    rng = random.Random(42)
+    jobs = [(r, t) for t in range(args.threads) for r in range(args.runs)]
+    rng.shuffle(jobs)
+    print(f"generating {len(jobs) * args.appends} append bodies ...", file=sys.stderr)
+    expected: dict[int, dict[int, int]] = {}
+    bodies = []
+    for job_no, (run_index, _) in enumerate(jobs):
+        counts = expected.setdefault(run_index, defaultdict(int))
+        bodies.append([make_append(rng, job_no, a, args.tests, counts) for a in range(args.appends)])
+    return Plan(jobs, bodies, expected)
+
+
+async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace, plan: Plan,
                 before_poll: Callable[[], None]) -> dict[str, Any]:
     host, port = url.removeprefix("http://").split(":")
     rng = random.Random(42)
     stats = Stats()
-    expected_run: dict[int, dict[int, int]] = {}
     conns = [Connection(host, int(port), token, args.new_connections) for _ in range(args.concurrency)]
 
     t_start = time.perf_counter()
@@ -164,13 +186,9 @@ async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace,
                                                   f"/api/v1/projects/{project_id}/automation/runs", body, 201))["id"])
 
     # Each CI job: create its thread, push its appends one after another, complete the thread.
-    jobs = [(run_id, t) for t in range(args.threads) for run_id in runs]
-    rng.shuffle(jobs)
-    print(f"generating {len(jobs) * args.appends} append bodies ...", file=sys.stderr)
-    bodies: list[list[bytes]] = []
-    for job_no, (run_id, _) in enumerate(jobs):
-        counts = expected_run.setdefault(run_id, defaultdict(int))
-        bodies.append([make_append(rng, job_no, a, args.tests, counts) for a in range(args.appends)])
+    jobs = [(runs[run_index], t) for run_index, t in plan.jobs]
+    bodies = plan.bodies
+    expected_run = {runs[run_index]: counts for run_index, counts in plan.expected.items()}
     queue: asyncio.Queue[int] = asyncio.Queue()
     for job_no in range(len(jobs)):
         queue.put_nowait(job_no)
@@ -346,7 +364,8 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(0.5):
             for name, root in self.roots().items():
-                for i, pid in enumerate(tree(root)[1:] or [root]):
+                # Every process of the tree: the shim's helper process and the worker's parent count too.
+                for i, pid in enumerate(tree(root)):
                     self.samples[f"{name}[{i}]"].append(rss_mb(pid))
 
     def report(self) -> str:
@@ -413,13 +432,14 @@ def main() -> None:
     sampler = RssSampler(lambda: {"shim": api.proc.pid, **({"worker": workers[0].proc.pid} if workers else {})})
     sampler.start()
     try:
+        plan = prepare(args)
         cpu_before = cpu_by_component(api, workers[0] if workers else None)
-        result = uvloop.run(fleet(api_url, token, project_id, args, start_workers))
+        result = uvloop.run(fleet(api_url, token, project_id, args, plan, start_workers))
         sampler.stopped.set()
         worker = workers[0]
         cpu = {k: v - cpu_before[k] for k, v in cpu_by_component(api, worker).items()}
-        rss = {"shim": [rss_mb(p, "VmHWM") for p in tree(api.proc.pid)[1:] or [api.proc.pid]],
-               "worker": [rss_mb(p, "VmHWM") for p in tree(worker.proc.pid)[1:]]}
+        rss = {"shim": [rss_mb(p, "VmHWM") for p in tree(api.proc.pid)],
+               "worker": [rss_mb(p, "VmHWM") for p in tree(worker.proc.pid)]}
     finally:
         api.stop()
         for w in workers:

@@ -21,14 +21,13 @@ from typing import Any, cast
 
 import msgspec
 import orjson
-from msgspec import UNSET
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 from sqlalchemy import Connection
 
 from schema.escapes import storable_escapes
 from schema.messages import RESULT_FIELDS, JsonObject, Op, ThreadAppendOp, ThreadCompleteOp
-from schema.requests import ThreadAppend, decode, given, saturating_add
+from schema.requests import saturating_add
 from schema.statuses import COUNT_COLUMNS, RUN_STATUS_FAILED, RUN_STATUS_PASSED
 
 N_STATUSES = len(COUNT_COLUMNS)
@@ -44,13 +43,51 @@ RESULT_TYPES = ["int8", "int8", "int2", "text", "text", "text", "int8", "text", 
 
 
 class JsonbText(Dumper):
-    """A jsonb value for binary COPY from JSON text as it is: the format's version byte, then the text. (The
-    stock jsonb dumper would encode a str as a JSON string.)"""
+    """A jsonb value for binary COPY from JSON text as it is (str, or UTF-8 bytes): the format's version byte,
+    then the text. (The stock jsonb dumper would encode a str as a JSON string.)"""
 
     format = Format.BINARY
 
     def dump(self, obj: Any) -> bytes:
-        return b"\x01" + str(obj).encode()
+        return b"\x01" + (obj if isinstance(obj, bytes) else str(obj).encode())
+
+
+class StoredTest(msgspec.Struct, gc=False):
+    """A test of a thread append the shim validated (schema.requests.ResultIn), read as its result row needs
+    it: its fields and artifacts stay the JSON they came as, straight into their jsonb columns, instead of
+    being decoded into objects only to be encoded again."""
+
+    key: str
+    name: str
+    status: str
+    folder: str | None = None
+    elapsed: int | None = None
+    file: str | None = None
+    line: int | None = None
+    assertions: int | None = None
+    # Raw as a union member is not supported: an absent one is empty, a null one the JSON null.
+    fields: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    artifacts: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+
+
+class StoredAppend(msgspec.Struct, gc=False):
+    """A validated thread append (schema.requests.ThreadAppend) as the worker applies it."""
+
+    tests: list[StoredTest] = msgspec.field(default_factory=list)
+    elapsed_observed: int | None = None
+    elapsed_computed: int | None = None
+    fields: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    artifacts: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+
+
+_APPEND = msgspec.json.Decoder(StoredAppend)
+_NONE = (b"", b"[]", b"null")
+
+
+def _jsonb(raw: msgspec.Raw) -> bytes | None:
+    """A test's fields or artifacts for their column: none (left out, null or empty) is NULL."""
+    text = bytes(raw)
+    return None if text in _NONE else text
 
 
 @dataclass
@@ -219,7 +256,7 @@ def _thread_append(thread: ThreadState | None, op: ThreadAppendOp, rows: list[tu
         return "thread already completed"
     raw = op.get("body")
     if raw is not None:
-        error = _append_body(thread, decode(ThreadAppend, cast(msgspec.Raw, raw)), datetime.fromisoformat(op["at"]),
+        error = _append_body(thread, _APPEND.decode(cast(msgspec.Raw, raw)), datetime.fromisoformat(op["at"]),
                              rows, aliases)
         if error:
             return error
@@ -240,7 +277,7 @@ def _thread_append(thread: ThreadState | None, op: ThreadAppendOp, rows: list[tu
     return None
 
 
-def _append_body(thread: ThreadState, body: ThreadAppend, at: datetime, rows: list[tuple[Any, ...]],
+def _append_body(thread: ThreadState, body: StoredAppend, at: datetime, rows: list[tuple[Any, ...]],
                  aliases: dict[str, int]) -> str | None:
     """An append's tests as result rows (RESULT_FIELDS, between the run and thread ids and the accept time),
     counted into the thread. The loop runs for every result the server stores: keep it lean."""
@@ -258,24 +295,22 @@ def _append_body(thread: ThreadState, body: ThreadAppend, at: datetime, rows: li
         if elapsed is not None:
             elapsed_sum += elapsed
             timed = True
-        fields, artifacts = test.fields, test.artifacts
         add((run_id, thread_id, status_id, test.key, test.name, test.folder, elapsed, test.file, test.line,
-             test.assertions, _encode(fields).decode() if fields else None,
-             _encode(artifacts).decode() if artifacts else None, at))
+             test.assertions, _jsonb(test.fields), _jsonb(test.artifacts), at))
         tally[status_id - 1] += 1
     rows.extend(new)
     thread.counts = [a + b for a, b in zip(thread.counts, tally, strict=True)]
     thread.delta = [a + b for a, b in zip(thread.delta, tally, strict=True)]
     if timed:
         thread.results_elapsed = saturating_add(thread.results_elapsed, elapsed_sum)
-    for name in ("elapsed_observed", "elapsed_computed"):
-        part = getattr(body, name)
-        if part is not UNSET and part is not None:
-            setattr(thread, name, saturating_add(getattr(thread, name), part))
+    if body.elapsed_observed is not None:
+        thread.elapsed_observed = saturating_add(thread.elapsed_observed, body.elapsed_observed)
+    if body.elapsed_computed is not None:
+        thread.elapsed_computed = saturating_add(thread.elapsed_computed, body.elapsed_computed)
     if body.fields:
-        thread.new_fields.extend(given(body)["fields"])
+        thread.new_fields.extend(_VALUE.decode(body.fields) or ())
     if body.artifacts:
-        thread.new_artifacts.extend(given(body)["artifacts"])
+        thread.new_artifacts.extend(_VALUE.decode(body.artifacts) or ())
     return None
 
 

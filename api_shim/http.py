@@ -15,9 +15,7 @@ from api_shim.errors import NOT_JSON, ApiError, invalid_body, not_found
 from api_shim.problems import NotAnObject, field_path
 from api_shim.repair import has_unstorable_escape, saturated, storable_escapes
 from api_shim.services import Services
-from schema.requests import B, BodyError, validate
-
-BIGINT_MAX = 2**63 - 1
+from schema.requests import BIGINT_MAX, B, BodyError, validate
 
 
 def services(request: Request) -> Services:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api_shim.errors import ApiError, already_completed, invalid, not_found
-from api_shim.http import BIGINT_MAX, json_response, no_content, now_iso, parse, path_id, read_body, services
+from api_shim.http import json_response, no_content, now_iso, parse, path_id, read_body, services
 from api_shim.observe import request_id
 from api_shim.queue import ThreadOp, held, resources_of
 from api_shim.services import Services
@@ -24,6 +24,7 @@ from api_shim.state import ThreadRef
 from api_shim.threads import BUSY, NewThread
 from schema.messages import run_key
 from schema.requests import (
+    BIGINT_MAX,
     OBJECT_BYTES_MAX,
     OBJECT_ITEMS_MAX,
     RunAppend,

@@ -116,8 +116,10 @@ class Stats:
     timeline: list[tuple[float, str, float]] = field(default_factory=list)
 
     async def call(self, conn: Connection, name: str, method: str, path: str, body: bytes = b"",
-                   ok: int = 204) -> bytes:
-        start = time.perf_counter()
+                   ok: int = 204, scheduled: float | None = None) -> bytes:
+        """`scheduled`: in the open loop, when the request was due; its latency counts from then, so that a
+        server slow to answer cannot hide how long requests waited to be sent (coordinated omission)."""
+        start = time.perf_counter() if scheduled is None else scheduled
         status, payload = await conn.request(method, path, body)
         self.latencies[name].append(time.perf_counter() - start)
         self.timeline.append((start, name, time.perf_counter() - start))
@@ -215,7 +217,10 @@ async def fleet(url: str, token: str, project_id: int, args: argparse.Namespace,
             await asyncio.sleep(args.worker_delay)
             await asyncio.get_running_loop().run_in_executor(None, before_poll)
         delayed = asyncio.create_task(start_later())
-    await asyncio.gather(*(ci_job(c) for c in conns))
+    if args.open_loop:
+        await open_loop(host, int(port), token, args, stats, jobs, bodies, rng)
+    else:
+        await asyncio.gather(*(ci_job(c) for c in conns))
     for run_id in runs:
         await stats.call(conns[0], "run complete", "POST", f"/api/v1/automation/runs/{run_id}/complete",
                          b'{"measure_elapsed":true}')
@@ -260,6 +265,42 @@ def problems(errors: dict[str, int], expected: dict[int, dict[int, int]], counte
             if wrong:
                 out.append(f"run {run_id} {what}: " + "; ".join(wrong))
     return out
+
+
+async def open_loop(host: str, port: int, token: str, args: argparse.Namespace, stats: Stats,
+                    jobs: list[tuple[int, int]], bodies: list[list[bytes]], rng: random.Random) -> None:
+    """Every request sent when it is due, whatever the answers to the others: CI jobs offering
+    `--open-loop` results a second between them. Job j creates its thread at its start (spread over one
+    period), then sends an append every period, then completes; each request goes on a connection of its
+    own from a pool of idle ones, so none waits for another's answer."""
+    appends_per_second = args.open_loop / args.tests
+    period = len(jobs) / appends_per_second
+    idle: list[Connection] = []
+
+    async def call(name: str, path: str, body: bytes, ok: int, due: float) -> bytes:
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        conn = idle.pop() if idle else Connection(host, port, token, args.new_connections)
+        try:
+            return await stats.call(conn, name, "POST", path, body, ok, scheduled=due)
+        finally:
+            idle.append(conn)
+
+    async def job(job_no: int, start: float) -> None:
+        run_id, _ = jobs[job_no]
+        thread = orjson.loads(await call("create thread", f"/api/v1/automation/runs/{run_id}/threads",
+                                         b'{"fields":[],"artifacts":[],"elapsed_computed":1000}', 201, start))["id"]
+        path = f"/api/v1/automation/runs/threads/{thread}"
+        # The appends go at their times even if the ones before them are not answered yet.
+        await asyncio.gather(*(call("thread append", f"{path}/append", body, 204, start + (k + 1) * period)
+                               for k, body in enumerate(bodies[job_no])))
+        await call("thread complete", f"{path}/complete", b"{}", 204, start + (len(bodies[job_no]) + 1) * period)
+
+    t0 = time.perf_counter() + 0.1
+    print(f"open loop: {args.open_loop:,.0f} results/s offered, {appends_per_second:,.0f} appends/s, "
+          f"each of {len(jobs)} jobs every {period:.2f} s", file=sys.stderr, flush=True)
+    await asyncio.gather(*(job(j, t0 + rng.uniform(0, period)) for j in range(len(jobs))))
+    for conn in idle:
+        conn.close()
 
 
 # --- raw COPY of as many equivalent rows -------------------------------------------------------------------------
@@ -399,6 +440,9 @@ def main() -> None:
     parser.add_argument("--new-connections", action="store_true",
                         help="a new connection for every request, as the testmo CLI does (Connection: close)")
     parser.add_argument("--timeline", action="store_true", help="append latency every 2 s of the fleet")
+    parser.add_argument("--open-loop", type=float, metavar="RESULTS_PER_S",
+                        help="an open loop: the jobs send at this rate between them whatever the answers, and "
+                             "latency counts from when each request was due (--concurrency is then unused)")
     parser.add_argument("--worker-after", action="store_true",
                         help="start the workers only once every request is accepted: shim and drain apart")
     parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "bench")
@@ -452,7 +496,9 @@ def main() -> None:
     total = result["total"]
     e2e_rate = total / result["e2e_seconds"]
     print(f"\nfleet: {args.runs} runs x {args.threads} threads x {args.appends} appends x {args.tests} tests "
-          f"= {total:,} results, {args.concurrency} in flight, api workers {args.api_workers}, "
+          f"= {total:,} results, "
+          + (f"open loop at {args.open_loop:,.0f} results/s offered" if args.open_loop
+             else f"{args.concurrency} in flight") + f", api workers {args.api_workers}, "
           f"worker concurrency {args.worker_concurrency}")
     print(f"{'endpoint':<16}{'n':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}")
     for name, values in stats.latencies.items():

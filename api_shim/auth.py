@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api_shim.errors import ApiError, forbidden, unauthorized
 from api_shim.lru import Lru
+from schema.protocol import ShimScripts
 from schema.settings import Settings
 from schema.tokens import LAST_VALID_SECONDS, REVOKED, auth_key, last_valid_key, token_hash
 
@@ -45,22 +46,6 @@ client_address: ContextVar[str | None] = ContextVar("client_address", default=No
 DATABASE_DOWN = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError)
 UNKNOWN = b"null"
 UNKNOWN_TOKEN = "Unknown or revoked token."
-
-# Stores what a lookup read, unless a revoke left its tombstone (the revoke landed between the read and this
-# write). A token read as unknown that has a last valid view was revoked, by a revoke whose own write to Redis
-# may have been lost: it gets the tombstone.
-# KEYS: auth_key, last_valid_key. ARGV: the view (or "null"), its lifetime in ms, the last view's in seconds.
-FILL = f"""
-local last = redis.call('GET', KEYS[2])
-if ARGV[1] == '{UNKNOWN.decode()}' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  if last and last ~= '{REVOKED.decode()}' then redis.call('SET', KEYS[2], '{REVOKED.decode()}', 'EX', ARGV[3]) end
-elseif last ~= '{REVOKED.decode()}' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
-end
-"""
-
 
 @dataclass(frozen=True)
 class Principal:
@@ -161,7 +146,7 @@ class Authenticator:
         self._valid: Lru[str, View] = Lru(settings.auth_cache_entries)
         # Apart from the valid ones, so that a flood of made-up tokens cannot push those out.
         self._unknown: Lru[str, float] = Lru(settings.auth_cache_entries)
-        self._fill = redis.register_script(FILL)
+        self._scripts = ShimScripts(redis)
         # Lookups under way: when a cached token expires, the hundreds of requests in flight with it wait
         # for one lookup instead of each opening a Redis connection of its own.
         self._lookups: dict[str, asyncio.Future[View]] = {}
@@ -250,8 +235,9 @@ class Authenticator:
         lifetime = self.cache_seconds if principal is not None else self.negative_seconds
         left_ms = int((started + lifetime - time.monotonic()) * 1000)
         if left_ms > 0:
-            await self._fill(keys=[auth_key(hashed), last_valid_key(hashed)],
-                             args=[principal.dumps() if principal else UNKNOWN, left_ms, LAST_VALID_SECONDS])
+            await self._scripts.token_fill(auth_key(hashed), last_valid_key(hashed),
+                                           principal.dumps() if principal else UNKNOWN, left_ms, LAST_VALID_SECONDS,
+                                           UNKNOWN, REVOKED)
         return View(principal, started + lifetime)
 
     async def _from_redis(self, hashed: str, started: float) -> View | None:

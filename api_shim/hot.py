@@ -34,10 +34,12 @@ class HotPath:
             return
         scope["endpoint"] = writes.thread_append  # the route, as the request log and metrics name it
         scope["app"] = self.app  # as Starlette sets it: the error handlers find the services there
-        authorization = encoding = declared = None
+        authorization = encoding = declared = idempotency_key = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
+            elif name == b"idempotency-key":
+                idempotency_key = value.decode("latin-1")
             elif name == b"content-length":
                 declared = value.decode("latin-1")
             elif name == b"content-encoding":
@@ -45,7 +47,7 @@ class HotPath:
         try:
             await writes.accept_thread_append(
                 self.app.state.services, authorization, int(match.group(1)), scope["state"]["request_id"],
-                lambda limit: receive_body(encoding, declared, receive, limit))
+                lambda limit: receive_body(encoding, declared, receive, limit), idempotency_key)
         except Exception as exc:
             await self.error_for(scope, exc)(scope, receive, send)
             return

@@ -1,11 +1,14 @@
 """The GET endpoints: runs with their counters, threads, filters, pagination and expands (compat.md 2 and 4)."""
 
+import asyncio
 import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import msgspec
+import orjson
 from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import QueryParams
@@ -14,10 +17,13 @@ from starlette.responses import Response
 
 from api_shim.errors import INVALID, ApiError, not_found
 from api_shim.http import iso, json_response, path_id, services
+from api_shim.services import Services
+from schema.messages import run_key, unwritten_runs_key
 from schema.requests import Tag
 from schema.statuses import COUNT_COLUMNS, Status
 
 PER_PAGE = (15, 25, 50, 100)
+READ_YOUR_WRITES_SECONDS = 1.0
 # A run's GET carries its first threads only, so that it stays small for a run of 10,000 threads; all of them
 # are listed, a page at a time, by GET /automation/runs/{id}/threads.
 EMBEDDED_THREADS = 100
@@ -43,7 +49,7 @@ THREAD_COLUMNS = (
 )
 
 
-def counters(row: RowMapping, statuses: Sequence[Status]) -> dict[str, int]:
+def counters(row: Mapping[Any, Any], statuses: Sequence[Status]) -> dict[str, int]:
     counts = [row[c] for c in COUNT_COLUMNS]
     out = dict(zip(COUNT_COLUMNS, counts, strict=True))
     out["success_count"] = sum(counts[s.id - 1] for s in statuses if s.is_passed)
@@ -53,7 +59,7 @@ def counters(row: RowMapping, statuses: Sequence[Status]) -> dict[str, int]:
     return out
 
 
-def run_json(r: RowMapping, statuses: Sequence[Status]) -> dict[str, Any]:
+def run_json(r: Mapping[Any, Any], statuses: Sequence[Status]) -> dict[str, Any]:
     return {
         "id": r["id"], "project_id": r["project_id"], "source_id": r["source_id"], "name": r["name"],
         "status": r["status"], "config_id": r["config_id"], "milestone_id": r["milestone_id"],
@@ -140,10 +146,17 @@ async def get_run(request: Request) -> Response:
     principal = await s.auth.authenticate(request.headers.get("authorization"))
     run_id = path_id(request, "run_id", "Run")
     async with s.engine.connect() as conn:
-        run = (await conn.execute(text(f"SELECT {RUN_COLUMNS} FROM automation_runs WHERE id = :id"),
-                                  {"id": run_id})).mappings().first()
+        run = await _run_as_accepted(s, conn, run_id)
         if run is None:
-            raise not_found("Run")
+            # Created, but no worker has written it yet: as its create left it.
+            pending = await s.redis.hget(run_key(run_id), "pending")
+            if pending is None:
+                raise not_found("Run")
+            view = orjson.loads(pending)
+            principal.authorize(view["project_id"])
+            expands = parse_expands(request.query_params)
+            return json_response({"result": view | {"threads": []},
+                                  "expands": await build_expands(conn, expands, [view], s.statuses.statuses)})
         principal.authorize(run["project_id"])
         expands = parse_expands(request.query_params)
         threads = (await conn.execute(text(
@@ -153,6 +166,36 @@ async def get_run(request: Request) -> Response:
         result = run_json(run, statuses) | {"threads": [thread_json(t, statuses) for t in threads]}
         return json_response({"result": result,
                               "expands": await build_expands(conn, expands, [run], statuses, threads)})
+
+
+async def _run_as_accepted(s: Services, conn: AsyncConnection, run_id: int) -> RowMapping | None:
+    """The run's row, once the workers have applied what was accepted for it when the request came (its
+    create, its threads' creates and appends), waiting for them up to READ_YOUR_WRITES_SECONDS: a client that
+    creates a thread and then reads its run finds the thread, as it did when creates were written at once.
+    Past that (workers behind, or down), the row as it stands, or None if it is not written yet."""
+    accepted = await s.redis.hget(run_key(run_id), "ops")
+    deadline = time.monotonic() + READ_YOUR_WRITES_SECONDS
+    while True:
+        run = (await conn.execute(text(f"SELECT {RUN_COLUMNS}, ops_applied FROM automation_runs WHERE id = :id"),
+                                  {"id": run_id})).mappings().first()
+        settled = run is not None and (run["is_completed"] or accepted is None
+                                       or run["ops_applied"] >= int(accepted))
+        if settled or time.monotonic() > deadline or (run is None and accepted is None):
+            return run
+        await asyncio.sleep(0.02)
+
+
+async def _runs_written(s: Services, conn: AsyncConnection, project_id: int) -> None:
+    """Wait, up to READ_YOUR_WRITES_SECONDS, until the project's runs created before this request are written:
+    a client that creates a run and then lists the project's runs finds it."""
+    unwritten = [int(r) for r in await s.redis.smembers(unwritten_runs_key(project_id))]
+    deadline = time.monotonic() + READ_YOUR_WRITES_SECONDS
+    while unwritten and time.monotonic() < deadline:
+        written = (await conn.execute(text("SELECT count(*) FROM automation_runs WHERE id = ANY(:ids)"),
+                                      {"ids": unwritten})).scalar_one()
+        if written == len(unwritten):
+            return
+        await asyncio.sleep(0.02)
 
 
 def _is_number(text: str) -> bool:
@@ -258,6 +301,7 @@ async def list_runs(request: Request) -> Response:
         if errors:
             raise ApiError(422, INVALID, errors)
 
+        await _runs_written(s, conn, project_id)
         condition = " AND ".join(where)
         total = (await conn.execute(text(f"SELECT count(*) FROM automation_runs WHERE {condition}"),
                                     binds)).scalar_one()

@@ -18,11 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from api_shim import problems
 from api_shim.auth import Authenticator
 from api_shim.batcher import GroupCommit
-from api_shim.queue import Queue, ThreadOp
+from api_shim.catalog import Catalog
+from api_shim.ids import IdBlocks
+from api_shim.queue import Queue
 from api_shim.state import State
-from api_shim.threads import NewThread, create_threads
 from schema import status
 from schema.process import quiet_gc
+from schema.protocol import ThreadOp
 from schema.settings import Settings
 from schema.statuses import DEFAULT_STATUSES, Status, alias_map
 
@@ -40,7 +42,11 @@ DATABASE_FIGURES_SECONDS = 1.0
 # in one insert.
 BATCH_OPS = 200
 BATCH_BYTES = 4 * 1024 * 1024
-BATCH_THREADS = 200
+# Ids each shim process draws ahead, a block at a time: enough for the creates of a fleet's start, and of an
+# outage of the database.
+RUN_IDS = 200
+THREAD_IDS = 2000
+SOURCE_IDS = 20
 
 
 class RedisConnection(Connection):
@@ -84,7 +90,9 @@ class Services:
     auth: Authenticator
     statuses: StatusTable
     thread_ops: "GroupCommit[ThreadOp, str]"
-    thread_creates: "GroupCommit[NewThread, int | str]"
+    run_ids: IdBlocks
+    thread_ids: IdBlocks
+    catalog: Catalog
     _refresher: "asyncio.Task[None] | None" = None
     # Blocking clients for the status snapshot behind /metrics (read in a thread, a few times a minute).
     _sync_redis: SyncRedis | None = None
@@ -140,18 +148,21 @@ class Services:
                                socket_connect_timeout=3, connection_class=RedisConnection)
         queue = Queue(redis, settings.queue, settings.queue_high_water, settings.queue_high_water_bytes)
         state = State(engine, queue)
+        retry = settings.retry_after_seconds
         return cls(
             settings, engine, redis, queue, state, Authenticator(redis, engine, settings),
             StatusTable(),
             thread_ops=GroupCommit(queue.thread_ops_with_retry, max_items=BATCH_OPS, max_bytes=BATCH_BYTES,
                                    size=lambda op: len(op.op), shared=DEPENDENCY_DOWN),
-            thread_creates=GroupCommit(lambda batch: create_threads(engine, queue, state, batch),
-                                       max_items=BATCH_THREADS, shared=DEPENDENCY_DOWN),
+            run_ids=IdBlocks(engine, "automation_runs", RUN_IDS, retry),
+            thread_ids=IdBlocks(engine, "automation_run_threads", THREAD_IDS, retry),
+            catalog=Catalog(engine, redis, IdBlocks(engine, "automation_sources", SOURCE_IDS, retry), retry),
         )
 
     async def start(self) -> None:
         quiet_gc()
         problems.start()
+        await asyncio.gather(self.run_ids.start(), self.thread_ids.start())
         try:
             await self.statuses.refresh(self.engine)
         except Exception as exc:  # the database may be down at start; the defaults serve until it is back

@@ -1,28 +1,26 @@
-"""The POST endpoints.
-
-Creating a run or a thread writes to PostgreSQL at once: the client needs the id. Appends and completes are
-validated, authorised and put on the queue (see `queue.py`), then answered 204; a worker applies them.
+"""The POST endpoints: each is validated, authorised and put on the queue (`queue.py`), then answered; a worker
+applies it. None waits on PostgreSQL: a create answers with an id drawn ahead of time (`ids.py`) and checks its
+references against caches (`catalog.py`, `state.py`); a worker writes its row.
 """
 
 import itertools
 import secrets
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api_shim.errors import ApiError, already_completed, invalid, not_found
 from api_shim.http import json_response, no_content, now_iso, parse, path_id, read_body, services
+from api_shim.idempotency import HEADER, conflict, idempotency
 from api_shim.observe import request_id
-from api_shim.queue import ThreadOp, held, resources_of
+from api_shim.reads import run_json
 from api_shim.services import Services
 from api_shim.state import ThreadRef
-from api_shim.threads import BUSY, NewThread
-from schema.messages import run_key
+from schema.protocol import ThreadOp, resources_of
 from schema.requests import (
     BIGINT_MAX,
     OBJECT_BYTES_MAX,
@@ -35,6 +33,7 @@ from schema.requests import (
     ThreadCreate,
     given,
 )
+from schema.statuses import COUNT_COLUMNS, RUN_STATUS_RUNNING
 
 
 def _new_op(kind: str, run_id: int, user_id: int, request: Request) -> dict[str, Any]:
@@ -74,13 +73,25 @@ async def _enqueue(s: Services, run_id: int, thread_id: int | None,
 
 
 def _check_accepted(s: Services, verdict: str, what: str) -> None:
+    """Raise the refusal a verdict of the queue scripts means, if it is one."""
+    if verdict == "ok" or verdict.startswith("again:"):
+        return
     if verdict == "busy":
         raise ApiError(429, "The server is shedding load: the queue is over its high-water mark.",
                        headers={"Retry-After": str(s.settings.retry_after_seconds)})
     if verdict.startswith("full:"):
         raise over_cap(what, verdict.removeprefix("full:"))
-    if verdict != "ok":
-        raise already_completed(what)
+    if verdict == "conflict":
+        raise conflict()
+    if verdict in ("exists", "missing"):
+        raise RuntimeError(f"the queue answered {verdict!r}")  # an id handed out twice; a state that vanished
+    raise already_completed(what)
+
+
+def _created(verdict: str, new_id: int) -> Response:
+    """201 with the new id, or with the one a retry of the same idempotency key was given before."""
+    return json_response({"id": int(verdict.removeprefix("again:")) if verdict.startswith("again:") else new_id},
+                         201)
 
 
 def over_cap(what: str, cap: str) -> ApiError:
@@ -100,6 +111,13 @@ def _check_create_resources(body: dict[str, Any], what: str) -> str:
     return resources
 
 
+async def _request(request: Request) -> tuple[bytes, str]:
+    """The body as sent, and what the queue scripts take for its idempotency key."""
+    raw = await read_body(request, services(request).settings.max_body_bytes)
+    return raw, idempotency(request.headers.get("authorization"), request.headers.get(HEADER), request.method,
+                            request.url.path, raw)
+
+
 async def _thread_ref(request: Request) -> tuple[Services, ThreadRef, int]:
     s = services(request)
     principal = await s.auth.authenticate(request.headers.get("authorization"))
@@ -111,7 +129,7 @@ async def _thread_ref(request: Request) -> tuple[Services, ThreadRef, int]:
     return s, ref, principal.user_id
 
 
-async def _run_ref(request: Request) -> tuple[Services, int, int]:
+async def _run_ref(request: Request) -> tuple[Services, int, int, int]:
     s = services(request)
     principal = await s.auth.authenticate(request.headers.get("authorization"))
     run_id = path_id(request, "run_id", "Run")
@@ -119,7 +137,7 @@ async def _run_ref(request: Request) -> tuple[Services, int, int]:
     if project_id is None:
         raise not_found("Run")
     principal.authorize(project_id)
-    return s, run_id, principal.user_id
+    return s, run_id, project_id, principal.user_id
 
 
 # --- the hot path ------------------------------------------------------------------------------------------
@@ -128,56 +146,65 @@ async def thread_append(request: Request) -> Response:
     """The route's own endpoint; requests take the direct path in api_shim/hot.py, to the same function."""
     await accept_thread_append(services(request), request.headers.get("authorization"),
                                request.path_params["thread_id"], request_id(request),
-                               lambda limit: read_body(request, limit))
+                               lambda limit: read_body(request, limit), request.headers.get(HEADER))
     return no_content()
 
 
 async def accept_thread_append(s: Services, authorization: str | None, thread_id: int, request_id: str,
-                               read: Callable[[int], Awaitable[bytes]]) -> None:
+                               read: Callable[[int], Awaitable[bytes]], idempotency_key: str | None = None) -> None:
     """Authorise, validate and enqueue a thread append (raises ApiError when it is refused)."""
     principal = await s.auth.authenticate(authorization)
     ref = await s.state.thread(thread_id) if 1 <= thread_id <= BIGINT_MAX else None
     if ref is None:
         raise not_found("Thread")
     principal.authorize(ref.project_id)
-    body, raw = await parse(ThreadAppend, await read(s.settings.max_body_bytes), s.statuses.aliases, nul=False)
+    sent = await read(s.settings.max_body_bytes)
+    idem = idempotency(authorization, idempotency_key, "POST", f"/api/v1/automation/runs/threads/{thread_id}/append",
+                       sent) if idempotency_key is not None else ""
+    body, raw = await parse(ThreadAppend, sent, s.statuses.aliases, nul=False)
     # The body goes on as the client sent it (repaired if it had to be), never encoded again: the worker
     # decodes it with the same declaration, and turns its tests into rows.
     head = orjson.dumps(_op_head("thread.append", ref.run_id, principal.user_id, request_id)
                         | {"thread_id": ref.thread_id})
     resources = resources_of(given(body))[0] if body.fields or body.artifacts else ""
     append = ThreadOp("a", ref.run_id, ref.thread_id, head[:-1] + b',"body":' + raw + b"}",
-                      len(body.tests) if body.tests else 0, resources)
+                      len(body.tests) if body.tests else 0, resources, idem)
     verdict = await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.thread_ops.submit(append))
     _check_accepted(s, verdict, "thread")
 
 
 async def thread_complete(request: Request) -> Response:
     s, ref, user_id = await _thread_ref(request)
-    body = given((await parse(ThreadComplete, await read_body(request, s.settings.max_body_bytes)))[0])
+    sent, idem = await _request(request)
+    body = given((await parse(ThreadComplete, sent))[0])
     op = _new_op("thread.complete", ref.run_id, user_id, request) | {"thread_id": ref.thread_id}
     op |= _given(body)
-    complete = ThreadOp("c", ref.run_id, ref.thread_id, orjson.dumps(op))
+    complete = ThreadOp("c", ref.run_id, ref.thread_id, orjson.dumps(op), idem=idem)
     # "done" (completed already, or its run is) is fine too: completing twice is safe for retries.
-    await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.thread_ops.submit(complete))
+    verdict = await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.thread_ops.submit(complete))
+    if verdict == "conflict":
+        raise conflict()
     return no_content()
 
 
 async def run_append(request: Request) -> Response:
-    s, run_id, user_id = await _run_ref(request)
-    body = given((await parse(RunAppend, await read_body(request, s.settings.max_body_bytes)))[0])
+    s, run_id, _, user_id = await _run_ref(request)
+    sent, idem = await _request(request)
+    body = given((await parse(RunAppend, sent))[0])
     op = _new_op("run.append", run_id, user_id, request) | body
     resources = resources_of(body)[0]
-    _check_accepted(s, await _enqueue(s, run_id, None, lambda: s.queue.run_append(op, resources)), "run")
+    _check_accepted(s, await _enqueue(s, run_id, None, lambda: s.queue.run_append(op, resources, idem)), "run")
     return no_content()
 
 
 async def run_complete(request: Request) -> Response:
-    s, run_id, user_id = await _run_ref(request)
-    body = given((await parse(RunComplete, await read_body(request, s.settings.max_body_bytes)))[0])
+    s, run_id, _, user_id = await _run_ref(request)
+    sent, idem = await _request(request)
+    body = given((await parse(RunComplete, sent))[0])
     op = _new_op("run.complete", run_id, user_id, request)
     op |= {"measure_elapsed": body.get("measure_elapsed", True)}
-    await _enqueue(s, run_id, None, lambda: s.queue.run_complete(op))
+    if await _enqueue(s, run_id, None, lambda: s.queue.run_complete(op, idem)) == "conflict":
+        raise conflict()
     return no_content()
 
 
@@ -187,73 +214,70 @@ async def create_run(request: Request) -> Response:
     s = services(request)
     principal = await s.auth.authenticate(request.headers.get("authorization"))
     project_id = path_id(request, "project_id", "Project")
-    async with s.engine.connect() as conn:
-        exists = (await conn.execute(text("SELECT 1 FROM projects WHERE id = :id"), {"id": project_id})).first()
-    if exists is None:
-        raise not_found("Project")
-    principal.authorize(project_id)
-    body = given((await parse(RunCreate, await read_body(request, s.settings.max_body_bytes)))[0])
+    # A project the token may use exists (its grant refers to it); for another, say which it is.
+    if project_id not in principal.projects:
+        if not await s.catalog.exists(project_id):
+            raise not_found("Project")
+        principal.authorize(project_id)
+    sent, idem = await _request(request)
+    body = given((await parse(RunCreate, sent))[0])
     resources = _check_create_resources(body, "run")
-
-    async with s.engine.begin() as conn:
-        config_id = await _resolve(conn, "configs", project_id, body.get("config_id"), body.get("config"),
-                                   "config")
-        milestone_id = await _resolve(conn, "milestones", project_id, body.get("milestone_id"),
-                                      body.get("milestone"), "milestone")
-        # An unknown source is created on first use; DO UPDATE (a no-op) makes RETURNING see an existing row.
-        source_id = (await conn.execute(text(
-            "INSERT INTO automation_sources (project_id, name) VALUES (:p, :n) "
-            "ON CONFLICT (project_id, name) DO UPDATE SET name = excluded.name RETURNING id"),
-            {"p": project_id, "n": body["source"]})).scalar_one()
-        run_id = (await conn.execute(text(
-            "INSERT INTO automation_runs (project_id, source_id, name, config_id, milestone_id, tags, "
-            "  artifacts, fields, links, created_by) "
-            "VALUES (:project, :source, :name, :config, :milestone, :tags, "
-            "  cast(:artifacts AS jsonb), cast(:fields AS jsonb), cast(:links AS jsonb), :user) RETURNING id"),
-            {"project": project_id, "source": source_id, "name": body["name"], "config": config_id,
-             "milestone": milestone_id, "tags": body.get("tags", []), "user": principal.user_id,
-             **_json_columns(body, "artifacts", "fields", "links")})).scalar_one()
-    await s.queue.fill(run_key(run_id), closed=False, project=project_id, ops=0, **held(resources))
-    s.state.remember_run(run_id, project_id)
-    return json_response({"id": run_id}, 201)
+    config_id = await _reference(s, project_id, "config", body)
+    milestone_id = await _reference(s, project_id, "milestone", body)
+    source_id = await s.catalog.source(project_id, body["source"])
+    run_id = await s.run_ids.take()
+    op = _new_op("run.create", run_id, principal.user_id, request) | {
+        "project_id": project_id, "source_id": source_id, "source": body["source"], "name": body["name"],
+        "config_id": config_id, "milestone_id": milestone_id, "tags": body.get("tags", []),
+        "fields": body.get("fields", []), "links": body.get("links", []), "artifacts": body.get("artifacts", [])}
+    verdict = await s.queue.run_create(run_id, project_id, op, resources,
+                                       _pending_view(op, s.statuses.statuses), idem)
+    _check_accepted(s, verdict, "run")
+    if verdict == "ok":
+        s.state.remember_run(run_id, project_id)
+    return _created(verdict, run_id)
 
 
 async def create_thread(request: Request) -> Response:
-    s, run_id, user_id = await _run_ref(request)
-    body = given((await parse(ThreadCreate, await read_body(request, s.settings.max_body_bytes)))[0])
+    s, run_id, project_id, user_id = await _run_ref(request)
+    sent, idem = await _request(request)
+    body = given((await parse(ThreadCreate, sent))[0])
     resources = _check_create_resources(body, "thread")
-    thread_id = await s.thread_creates.submit(NewThread(
-        run_id, user_id, body.get("name"), body.get("elapsed_observed"), body.get("elapsed_computed"),
-        **_json_columns(body, "artifacts", "fields"), resources=resources))
-    if thread_id == BUSY:
-        _check_accepted(s, "busy", "run")
-    if not isinstance(thread_id, int):
-        raise already_completed("run")
-    return json_response({"id": thread_id}, 201)
+    thread_id = await s.thread_ids.take()
+    op = _new_op("thread.create", run_id, user_id, request) | {
+        "thread_id": thread_id, "name": body.get("name"), "elapsed_observed": body.get("elapsed_observed"),
+        "elapsed_computed": body.get("elapsed_computed"), "fields": body.get("fields", []),
+        "artifacts": body.get("artifacts", [])}
+    create = ThreadOp("n", run_id, thread_id, orjson.dumps(op), resources=resources, idem=idem)
+    verdict = await _enqueue(s, run_id, None, lambda: s.thread_ops.submit(create))
+    _check_accepted(s, verdict, "run")
+    if verdict == "ok":
+        s.state.remember_thread(ThreadRef(thread_id, run_id, project_id))
+    return _created(verdict, thread_id)
 
 
-def _json_columns(body: dict[str, Any], *names: str) -> dict[str, str]:
-    return {name: orjson.dumps(body.get(name, [])).decode() for name in names}
+async def _reference(s: Services, project_id: int, field: str, body: dict[str, Any]) -> int | None:
+    """A config or milestone by id (which wins) or by name; it must exist in the project."""
+    given_id, given_name = body.get(f"{field}_id"), body.get(field)
+    found = await s.catalog.resolve(project_id, f"{field}s", given_id, given_name)
+    if found == -1:
+        if given_id is not None:
+            raise invalid(f"{field}_id", f"No {field} with id {given_id} exists in this project.")
+        raise invalid(field, f"No {field} named '{given_name}' exists in this project.")
+    return found
+
+
+def _pending_view(op: dict[str, Any], statuses: Any) -> dict[str, Any]:
+    """The run as GET shows it until a worker has written its row: as created, nothing applied yet."""
+    row = {"id": op["run_id"], "project_id": op["project_id"], "source_id": op["source_id"], "name": op["name"],
+           "status": RUN_STATUS_RUNNING, "config_id": op["config_id"], "milestone_id": op["milestone_id"],
+           "elapsed": None, "is_completed": False, "tags": op["tags"], "artifacts": op["artifacts"],
+           "fields": op["fields"], "links": op["links"], **dict.fromkeys(COUNT_COLUMNS, 0), "thread_count": 0,
+           "thread_completed_count": 0, "created_at": datetime.fromisoformat(op["at"]), "created_by": op["user_id"],
+           "updated_at": None, "updated_by": None, "completed_at": None, "completed_by": None}
+    return run_json(row, statuses)
 
 
 def _given(body: dict[str, Any]) -> dict[str, Any]:
     """The keys the client gave a value (not null) to."""
     return {k: v for k, v in body.items() if v is not None}
-
-
-async def _resolve(conn: AsyncConnection, table: str, project_id: int, given_id: int | None,
-                   given_name: str | None, field: str) -> int | None:
-    """A config or milestone by id (which wins) or by name; it must exist in the project."""
-    if given_id is not None:
-        found = (await conn.execute(text(f"SELECT id FROM {table} WHERE id = :v AND project_id = :p"),
-                                    {"v": given_id, "p": project_id})).scalar()
-        if found is None:
-            raise invalid(f"{field}_id", f"No {field} with id {given_id} exists in this project.")
-        return int(found)
-    if given_name is not None:
-        found = (await conn.execute(text(f"SELECT id FROM {table} WHERE name = :v AND project_id = :p"),
-                                    {"v": given_name, "p": project_id})).scalar()
-        if found is None:
-            raise invalid(field, f"No {field} named '{given_name}' exists in this project.")
-        return int(found)
-    return None

@@ -8,7 +8,7 @@ import orjson
 from redis import Redis
 from sqlalchemy import Connection, create_engine, text
 
-from api_shim.queue import ENQUEUE, new_batch
+from schema.protocol import Batch, WorkerScripts
 from schema.settings import Settings
 from schema.tokens import LAST_VALID_SECONDS, REVOKED, auth_key, last_valid_key, token_hash
 
@@ -115,10 +115,9 @@ class Admin:
                 "WHERE (CAST(:ids AS bigint[]) IS NULL OR d.id = ANY(:ids)) "
                 "AND NOT EXISTS (SELECT 1 FROM applied_ops a WHERE a.id = d.op_id) ORDER BY d.id"),
                 {"ids": ids}).all()
-        enqueue = self.redis.register_script(ENQUEUE)
+        scripts = WorkerScripts(self.redis)
         for done, (letter_id, payload) in enumerate(rows, 1):
-            keys, args = new_batch(self.settings.queue)
-            enqueue(keys=keys, args=[*args, orjson.dumps([payload])])
+            scripts.replay(Batch.new(self.settings.queue), orjson.dumps([payload]))
             with self.engine.begin() as conn:
                 conn.execute(text("UPDATE dead_letters SET replayed_at = now() WHERE id = :id"), {"id": letter_id})
             progress(done, len(rows))

@@ -50,6 +50,11 @@ def thread_key(thread_id: int) -> str:
     return f"ingest:thread:{thread_id}"
 
 
+def unwritten_runs_key(project_id: int) -> str:
+    """The project's runs a shim created that no worker has written yet."""
+    return f"ingest:unwritten:{project_id}"
+
+
 def pending_key(queue: str) -> str:
     """The list of batches enqueued on `queue`, oldest first: a worker applying one takes others from it."""
     return f"ingest:pending:{queue}"
@@ -118,4 +123,32 @@ class ThreadCompleteOp(OpBase):
     expected: int
 
 
-Op = RunAppendOp | RunCompleteOp | ThreadAppendOp | ThreadCompleteOp
+class RunCreateOp(OpBase):
+    """A run the shim created (its id drawn ahead: api_shim/ids.py); the worker writes its row."""
+
+    kind: Literal["run.create"]
+    project_id: int
+    source_id: int  # drawn by the shim for a new source; the one the database holds for its name wins
+    source: str
+    name: str
+    config_id: int | None
+    milestone_id: int | None
+    tags: list[str]
+    fields: list[JsonObject]
+    links: list[JsonObject]
+    artifacts: list[JsonObject]
+
+
+class ThreadCreateOp(OpBase):
+    """A thread the shim created; it counts towards its run's completion barrier like the thread's appends."""
+
+    kind: Literal["thread.create"]
+    thread_id: int
+    name: str | None
+    elapsed_observed: int | None
+    elapsed_computed: int | None
+    fields: list[JsonObject]
+    artifacts: list[JsonObject]
+
+
+Op = RunCreateOp | ThreadCreateOp | RunAppendOp | RunCompleteOp | ThreadAppendOp | ThreadCompleteOp

@@ -105,27 +105,14 @@ def take(redis: Redis, engine: Engine | None, queue: str, stuck_after_seconds: i
     return snapshot
 
 
-# Each heartbeat also forgets the workers that have stopped beating, so the set stays as small as the fleet.
-# KEYS: WORKERS_KEY, WORKER_INFO_KEY. ARGV: the worker's id, its info, HEARTBEAT_TTL_SECONDS.
-HEARTBEAT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
-for _, worker in ipairs(gone) do
-  redis.call('ZREM', KEYS[1], worker)
-  redis.call('HDEL', KEYS[2], worker)
-end
-"""
-
-
 def heartbeat(redis: Redis, queue: str, concurrency: int, started_at: float) -> None:
     """A worker says it is alive; it counts as alive for HEARTBEAT_TTL_SECONDS after."""
     info = orjson.dumps({"host": socket.gethostname(), "pid": _pid(), "queue": queue, "concurrency": concurrency,
                          "started_at": started_at, "seen_at": time.time()})
-    redis.eval(HEARTBEAT, 2, WORKERS_KEY, WORKER_INFO_KEY, f"{socket.gethostname()}:{_pid()}", info,
-               HEARTBEAT_TTL_SECONDS)
+    from schema.protocol import WorkerScripts  # here: schema.protocol imports this module
+
+    WorkerScripts(redis).heartbeat(WORKERS_KEY, WORKER_INFO_KEY, f"{socket.gethostname()}:{_pid()}", info,
+                                   HEARTBEAT_TTL_SECONDS)
 
 
 def _pid() -> int:

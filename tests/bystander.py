@@ -4,7 +4,8 @@ test that drives a hostile client beside it.
     python tests/bystander.py URL TOKEN THREAD_ID
 
 appends 20 tests at a time, one request after another, until its stdin closes; then prints one JSON object:
-the latency of each append in seconds, the count of each status code, and how many appends were accepted.
+when each append was sent (time.time()) and its latency in seconds, the count of each status code, and how
+many appends were accepted.
 """
 
 import json
@@ -17,19 +18,19 @@ import httpx
 
 def main() -> None:
     url, token, thread_id = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    latencies: list[float] = []
+    latencies: list[tuple[float, float]] = []
     codes: dict[int, int] = {}
     sent = 0
     with httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
         print("ready", flush=True)
         while not select.select([sys.stdin], [], [], 0)[0]:
             tests = [{"key": f"b{sent}-{i}", "name": f"b {sent} {i}", "status": "passed"} for i in range(20)]
-            started = time.perf_counter()
+            sent_at, started = time.time(), time.perf_counter()
             try:
                 code = http.post(f"/automation/runs/threads/{thread_id}/append", json={"tests": tests}).status_code
             except httpx.TransportError:
                 code = 0
-            latencies.append(time.perf_counter() - started)
+            latencies.append((sent_at, time.perf_counter() - started))
             codes[code] = codes.get(code, 0) + 1
             sent += code == 204
             time.sleep(0.005)

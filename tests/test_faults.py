@@ -270,10 +270,13 @@ def test_postgres_down_for_20_seconds(private: tuple[PrivatePostgres, PrivateRed
         fleet.push(appends=3, tests=20)
         pg.stop()
         down_since = time.monotonic()
-        # The queue absorbs appends while the database is down; creates and reads say when to come back.
-        for response in (api.post(f"/projects/{project_id}/automation/runs", {"name": "x", "source": "s"}),
-                         api.post(f"/automation/runs/{fleet.run_id}/threads", {}),
-                         api.get(f"/automation/runs/{fleet.run_id}"),
+        # The queue absorbs every write while the database is down, creates included; reads say when to come
+        # back.
+        late_run = api.create_run(project_id, name="created while the database was down")
+        late_thread = api.create_thread(late_run)
+        api.append(late_thread, [{"key": "late", "name": "late", "status": "passed"}])
+        extra_thread = api.create_thread(fleet.run_id)
+        for response in (api.get(f"/automation/runs/{fleet.run_id}"),
                          api.get(f"/projects/{project_id}/automation/runs")):
             assert response.status_code == 503, response.text
             assert int(response.headers["retry-after"]) > 0
@@ -283,9 +286,15 @@ def test_postgres_down_for_20_seconds(private: tuple[PrivatePostgres, PrivateRed
         assert fleet.refused == {}
         pg.start()
 
+        api.complete_thread(extra_thread)
         run = fleet.complete(lambda: stalled(engine, redis_server.url, stack.env["INGEST_QUEUE"], fleet.run_id))
         assert_exactly_once(engine, fleet, run)
         assert run["total_count"] == len(fleet.accepted) >= 6 * 20 * 10
+        assert run["thread_count"] == fleet.threads + 1
+        api.complete_run(late_run)
+        late = api.wait_completed(late_run)
+        assert (late["name"], late["total_count"], late["thread_count"]) == (
+            "created while the database was down", 1, 1)
     finally:
         api.close()
         engine.dispose()
@@ -347,8 +356,9 @@ def test_batches_whose_messages_redis_lost_are_applied_all_the_same(
         api.append(thread_id, [{"key": "pending", "name": "pending", "status": "failed"}])
         api.complete_thread(thread_id)
         api.complete_run(run_id)
-        # The crash took every message, and the first batch was leased by a worker that died with it.
-        assert store.llen(queue) == 4
+        # The crash took every message (the creates', the appends', the completes'), and the first batch was
+        # leased by a worker that died with it.
+        assert store.llen(queue) == 6
         store.delete(queue)
         taken = store.lpop(pending_key(queue))
         store.zadd(leased_key(queue), {taken: time.time() + 2})

@@ -87,16 +87,16 @@ def test_depth_and_age_grow_while_no_worker_runs_then_drain(
         idle_queue: tuple[dict[str, str], str, Project], logs: Path) -> None:
     env, url, project = idle_queue
     api = project.api
+    held = status(env)["queued_bytes"]
     run_id = api.create_run(project.id)
     thread_id = api.create_thread(run_id)
     before = scrape(url)
-    held = status(env)["queued_bytes"]
     for i in range(5):
         api.append(thread_id, make_tests(10, prefix=f"{i}-"))  # one at a time: five messages
 
     first = scrape(url)
-    assert first['ingest_queue_messages{state="waiting"}'] == 5
-    assert first["ingest_queue_depth"] >= 5
+    assert first['ingest_queue_messages{state="waiting"}'] == 7  # and the run's and thread's creates
+    assert first["ingest_queue_depth"] >= 7
     assert first["ingest_appends_accepted_total"] - before["ingest_appends_accepted_total"] == 5
     assert first["ingest_results_accepted_total"] - before["ingest_results_accepted_total"] == 50
     time.sleep(1.5)
@@ -104,7 +104,7 @@ def test_depth_and_age_grow_while_no_worker_runs_then_drain(
     assert second["ingest_queue_oldest_waiting_seconds"] > first["ingest_queue_oldest_waiting_seconds"] >= 0
     assert second["ingest_queue_oldest_waiting_seconds"] >= 1.5
     reading = status(env)
-    assert reading["waiting"] == 5 and reading["depth"] >= 5 and reading["oldest_waiting_seconds"] >= 1.5
+    assert reading["waiting"] == 7 and reading["depth"] >= 7 and reading["oldest_waiting_seconds"] >= 1.5
     assert reading["queued_bytes"] > held
 
     worker = start_worker(env, logs / "worker.log")

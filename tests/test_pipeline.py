@@ -10,9 +10,9 @@ from conftest import Project, count_results, new_project
 from sqlalchemy import Engine
 from support import Service, make_tests, service_env, start_api, start_worker, unique, wait_for
 
-from api_shim.queue import celery_message
 from ingest.admin import Admin
 from schema.messages import accounted, batch_key
+from schema.protocol import celery_message
 from schema.status import STATS_KEY
 
 
@@ -93,8 +93,9 @@ def test_completes_that_overtake_their_appends_wait_for_them(paused: Paused, eng
     api.complete_run(run_id)
 
     waiting = paused.messages()
-    assert len(waiting) == 8
-    # Celery keeps no order: deliver the run's complete first, then the thread's, then the appends.
+    assert len(waiting) == 11  # the run's create, two threads' creates, six appends, two completes
+    # Celery keeps no order: deliver the run's complete first, then the thread's, then the appends, then the
+    # threads' creates and last the run's own: each waits for what it needs, and all converge.
     paused.requeue(list(reversed(waiting)))
     paused.start_worker()
 

@@ -10,8 +10,9 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 from support import TEST_REDIS_URL, unique
 
-from api_shim.queue import Queue, ThreadOp
+from api_shim.queue import Queue
 from schema.messages import run_key, thread_key
+from schema.protocol import ThreadOp
 from schema.status import STATS_KEY
 
 T = TypeVar("T")

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from conftest import Pipeline, Project
 from sqlalchemy import Engine, text
-from support import Api, make_tests, unique
+from support import Api, make_tests, unique, wait_for
 
 from ingest.admin import Admin
 
@@ -74,9 +74,12 @@ def assert_422(response: httpx.Response, *fields: str) -> None:
 
 
 def set_created_at(engine: Engine, run_id: int, moment: str) -> None:
-    with engine.begin() as conn:
-        conn.execute(text("UPDATE automation_runs SET created_at = :at WHERE id = :id"),
-                     {"at": datetime.fromisoformat(moment), "id": run_id})
+    def written() -> bool:  # a worker writes a new run's row shortly after its create is answered
+        with engine.begin() as conn:
+            return conn.execute(text("UPDATE automation_runs SET created_at = :at WHERE id = :id"),
+                                {"at": datetime.fromisoformat(moment), "id": run_id}).rowcount == 1
+
+    wait_for(written, what=f"run {run_id} to be written")
 
 
 @pytest.fixture

@@ -19,11 +19,12 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from conftest import Pipeline, count_results
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 from support import ROOT, Api, Service, service_env, start_api, unique
 
 from ingest.admin import Admin
@@ -586,3 +587,82 @@ def test_values_the_cli_cuts_inside_an_emoji_are_stored(cli_project: CliProject,
     assert many.artifacts == [{"name": f"shot-{i}.png", "url": as_stored_text(js_cut(url.format(i=i), 0, 750)),
                                "mime_type": "image/png"} for i in range(24)]
     assert all(a["url"].endswith("p\ufffd") for a in many.artifacts)
+
+
+# --- the database down while CI jobs start --------------------------------------------------------------------
+
+OUTAGE_SECONDS = 60
+SUBMITS = 25
+SUBMIT_THREADS = 23  # with the create and the complete around them: 25 more CLI jobs
+
+
+def test_jobs_that_start_while_the_database_is_down_all_succeed(testmo: Path, tmp_path: Path) -> None:
+    """PostgreSQL stopped for a minute; 50 official-CLI jobs start during it, in both flows (`submit`, and
+    `create` + parallel `submit-thread` + `complete`). Every one succeeds, and once the database is back
+    every result is applied once and every counter is exact."""
+    from support import PrivatePostgres, PrivateRedis, start_worker
+
+    from schema.db import upgrade
+    from schema.settings import Settings
+
+    pg, redis_server = PrivatePostgres(), PrivateRedis(tmp_path)
+    services: list[Service] = []
+    try:
+        upgrade(pg.url)
+        subprocess.run([str(ROOT / "scripts" / "make-cert.sh"), str(tmp_path / "cert"), "127.0.0.1"], check=True,
+                       capture_output=True, timeout=60)
+        cert = tmp_path / "cert" / "cert.pem"
+        env = service_env(database_url=pg.url, redis_url=redis_server.url, queue=unique("outage"))
+        api_service, url = start_api(env, tmp_path / "api.log", tls=(cert, tmp_path / "cert" / "key.pem"))
+        services.append(api_service)
+        services.append(start_worker(env, tmp_path / "worker.log"))
+        admin = Admin(Settings(database_url=pg.url, redis_url=redis_server.url))
+        project_id = admin.create_project("outage")
+        token = admin.create_token("ci", [project_id])
+        admin.close()
+        cli_env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        cli_env |= {"TESTMO_TOKEN": token, "NODE_EXTRA_CA_CERTS": str(cert), "CI": "true"}
+        tls = TlsApi(url, cert, api_service, cast(Pipeline, SimpleNamespace(worker=services[1])))
+        cli = Cli(testmo, tls, cli_env)
+
+        # Before the outage, a job as every fleet has run: the shim has seen the token and the project.
+        warm = write_reports(tmp_path / "warm", seed=900, sizes=[20])
+        cli.run("automation:run:submit", "--project-id", str(project_id), "--name", "before", "--source", "unit",
+                "--results", f"{warm}/*.xml")
+
+        pg.stop()
+        down_at = time.monotonic()
+        submits = [write_reports(tmp_path / f"submit-{i}", seed=1000 + i, sizes=[30]) for i in range(SUBMITS)]
+        threads = [write_reports(tmp_path / f"thread-{i}", seed=2000 + i, sizes=[30]) for i in range(SUBMIT_THREADS)]
+        stdouts = cli.run_parallel([["automation:run:submit", "--project-id", str(project_id), "--name",
+                                     f"during {i}", "--source", "unit", "--results", f"{d}/*.xml"]
+                                    for i, d in enumerate(submits)], tmp_path)
+        submitted = [printed_run_id(out) for out in stdouts]
+        parallel = printed_run_id(cli.run("automation:run:create", "--project-id", str(project_id), "--name",
+                                          "parallel during", "--source", "integration"))
+        cli.run_parallel([["automation:run:submit-thread", "--run-id", str(parallel), "--results", f"{d}/*.xml"]
+                          for d in threads], tmp_path)
+        cli.run("automation:run:complete", "--run-id", str(parallel))
+        assert time.monotonic() - down_at < OUTAGE_SECONDS, "the jobs should all have run during the outage"
+        time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
+        pg.start()
+
+        engine = create_engine(pg.url)
+        client = tls.client(token)
+        try:
+            for run_id, directory in [*zip(submitted, submits, strict=True), (parallel, None)]:
+                run = client.wait_completed(run_id, timeout=120)
+                results = (expected_results(directory) if directory is not None
+                           else [r for d in threads for r in expected_results(d)])
+                assert_counters(run, expected_counters(results))
+                assert count_results(engine, run_id) == expected_status_ids(results)
+                assert dead_letters(engine, run_id) == []
+            assert client.run(parallel)["thread_count"] == SUBMIT_THREADS
+        finally:
+            client.close()
+            engine.dispose()
+    finally:
+        for service in services:
+            service.stop()
+        redis_server.stop()
+        pg.close()

@@ -145,6 +145,7 @@ class Outcome:
     dead: list[tuple[Op, str]] = field(default_factory=list)
     threads_completed: list[int] = field(default_factory=list)
     runs_completed: list[int] = field(default_factory=list)
+    runs_created: list[tuple[int, int]] = field(default_factory=list)  # (run, project)
 
 
 _OPS = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
@@ -190,7 +191,13 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
     failed_ids = failed_status_ids(conn)
     aliases = status_aliases(conn) if any("body" in op for op in fresh) else {}
 
-    # Threads first.
+    # New runs and threads first: the operations after them in this transaction may be theirs. (Rows nobody
+    # else can hold yet, so they add nothing to the order in which locks are taken.)
+    create_runs(conn, [op for op in fresh if op["kind"] == "run.create"])
+    create_threads(conn, [op for op in fresh if op["kind"] == "thread.create"])
+    outcome.runs_created = [(op["run_id"], op["project_id"]) for op in fresh if op["kind"] == "run.create"]
+
+    # Threads.
     threads = lock_threads(conn, sorted({t for op in fresh if (t := thread_of(op)) is not None}))
     rows: list[tuple[Any, ...]] = []
     survivors: list[Op] = []
@@ -217,6 +224,7 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
         thread = threads.get(thread_of(op) or 0)
         return thread.run_id if thread else op["run_id"]
 
+    survivors = [op for op in survivors if op["kind"] != "run.create"]  # a run's creation is not one of its ops
     runs = lock_runs(conn, sorted({run_id(op) for op in survivors}))
     for op in survivors:
         error = _run_op(runs.get(run_id(op)), op)
@@ -239,6 +247,84 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
     outcome.applied = len(fresh) - len(outcome.dead)
     outcome.kinds = Counter(str(op["kind"]) for op in fresh) - Counter(str(op["kind"]) for op, _ in outcome.dead)
     return outcome
+
+
+# --- creating runs and threads -------------------------------------------------------------------------------
+
+def create_runs(conn: Connection, ops: list[Op]) -> None:
+    """Write the rows of runs the shim created, with their sources where those are new."""
+    if not ops:
+        return
+    creates = [cast(dict[str, Any], op) for op in ops]
+    # A new source's id was drawn by the shim that saw its name first; if the database already holds the
+    # name (under another id: Redis lost the name's claim), the run goes to that one.
+    conn.exec_driver_sql(
+        "INSERT INTO automation_sources (id, project_id, name) "
+        "SELECT * FROM unnest(%(ids)s::bigint[], %(projects)s::bigint[], %(names)s::text[]) ORDER BY 1 "
+        "ON CONFLICT DO NOTHING",
+        {"ids": [c["source_id"] for c in creates], "projects": [c["project_id"] for c in creates],
+         "names": [c["source"] for c in creates]})
+    sources = {(project, name): source_id for project, name, source_id in conn.exec_driver_sql(
+        "SELECT project_id, name, id FROM automation_sources WHERE (project_id, name) IN "
+        "(SELECT * FROM unnest(%(projects)s::bigint[], %(names)s::text[]))",
+        {"projects": [c["project_id"] for c in creates], "names": [c["source"] for c in creates]})}
+    conn.exec_driver_sql(
+        "INSERT INTO automation_runs (id, project_id, source_id, name, config_id, milestone_id, tags, "
+        "  artifacts, fields, links, created_by, created_at) "
+        "SELECT id, project, source, name, config, milestone, "
+        "  ARRAY(SELECT jsonb_array_elements_text(tags)), artifacts, fields, links, creator, at "
+        "FROM unnest(%(ids)s::bigint[], %(projects)s::bigint[], %(sources)s::bigint[], %(names)s::text[], "
+        "  %(configs)s::bigint[], %(milestones)s::bigint[], %(tags)s::jsonb[], %(artifacts)s::jsonb[], "
+        "  %(fields)s::jsonb[], %(links)s::jsonb[], %(creators)s::bigint[], %(ats)s::timestamptz[]) "
+        "  AS n(id, project, source, name, config, milestone, tags, artifacts, fields, links, creator, at) "
+        "ORDER BY id ON CONFLICT (id) DO NOTHING",
+        {"ids": [c["run_id"] for c in creates], "projects": [c["project_id"] for c in creates],
+         "sources": [sources[(c["project_id"], c["source"])] for c in creates],
+         "names": [c["name"] for c in creates], "configs": [c["config_id"] for c in creates],
+         "milestones": [c["milestone_id"] for c in creates], "tags": [_json(c["tags"]) for c in creates],
+         "artifacts": [_json(c["artifacts"]) for c in creates], "fields": [_json(c["fields"]) for c in creates],
+         "links": [_json(c["links"]) for c in creates], "creators": [c["user_id"] for c in creates],
+         "ats": [c["at"] for c in creates]})
+
+
+def create_threads(conn: Connection, ops: list[Op]) -> None:
+    """Write the rows of threads the shim created (their runs are written: see `waiting`)."""
+    if not ops:
+        return
+    creates = [cast(dict[str, Any], op) for op in ops]
+    conn.exec_driver_sql(
+        "INSERT INTO automation_run_threads (id, run_id, project_id, name, elapsed_observed, elapsed_computed, "
+        "  artifacts, fields, created_by, created_at) "
+        "SELECT n.id, n.run, r.project_id, n.name, n.observed, n.computed, n.artifacts, n.fields, n.creator, n.at "
+        "FROM unnest(%(ids)s::bigint[], %(runs)s::bigint[], %(names)s::text[], %(observed)s::bigint[], "
+        "  %(computed)s::bigint[], %(artifacts)s::jsonb[], %(fields)s::jsonb[], %(creators)s::bigint[], "
+        "  %(ats)s::timestamptz[]) AS n(id, run, name, observed, computed, artifacts, fields, creator, at) "
+        "JOIN automation_runs r ON r.id = n.run ORDER BY n.id ON CONFLICT (id) DO NOTHING",
+        {"ids": [c["thread_id"] for c in creates], "runs": [c["run_id"] for c in creates],
+         "names": [c["name"] for c in creates], "observed": [c["elapsed_observed"] for c in creates],
+         "computed": [c["elapsed_computed"] for c in creates],
+         "artifacts": [_json(c["artifacts"]) for c in creates], "fields": [_json(c["fields"]) for c in creates],
+         "creators": [c["user_id"] for c in creates], "ats": [c["at"] for c in creates]})
+
+
+def waiting(conn: Connection, ops: list[Op]) -> set[int]:
+    """The positions of operations whose run or thread is neither written nor created among `ops`: the shim
+    accepted their create first, but a worker may not have written it yet (Celery keeps no order). They must
+    wait for it; they are never applied without it."""
+    runs_created = {op["run_id"] for op in ops if op["kind"] == "run.create"}
+    threads_created = {op["thread_id"] for op in ops if op["kind"] == "thread.create"}
+    runs = {op["run_id"] for op in ops} - runs_created
+    threads = {t for op in ops if op["kind"] in ("thread.append", "thread.complete")
+               and (t := thread_of(op)) is not None} - threads_created
+    if not runs and not threads:
+        return set()
+    present_runs = {row[0] for row in conn.exec_driver_sql(
+        "SELECT id FROM automation_runs WHERE id = ANY(%(ids)s)", {"ids": sorted(runs)})} if runs else set()
+    present_threads = {row[0] for row in conn.exec_driver_sql(
+        "SELECT id FROM automation_run_threads WHERE id = ANY(%(ids)s)", {"ids": sorted(threads)})} if threads \
+        else set()
+    missing_runs, missing_threads = runs - present_runs, threads - present_threads
+    return {i for i, op in enumerate(ops) if op["run_id"] in missing_runs or thread_of(op) in missing_threads}
 
 
 def thread_of(op: Op) -> int | None:

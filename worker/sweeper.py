@@ -15,8 +15,8 @@ import threading
 
 from redis import Redis
 
-from api_shim.queue import celery_message
 from schema.messages import CLOSED_TTL_SECONDS, leased_key, pending_key, run_key, thread_key
+from schema.protocol import WorkerScripts, celery_message
 from schema.settings import get_settings
 from worker.apply import complete_threads, force_complete_run, idle_runs, idle_threads
 from worker.db import batches, unit_of_work
@@ -26,20 +26,11 @@ log = logging.getLogger(__name__)
 
 SWEEP_LOCK = "ingest:sweeper"
 
-# KEYS: leases, pending list. Batches whose lease ended go back to the head of the pending list, oldest first.
-_RECLAIM = """
-local ended = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', redis.call('TIME')[1], 'LIMIT', 0, 1000)
-for i = #ended, 1, -1 do redis.call('LPUSH', KEYS[2], ended[i]) end
-if #ended > 0 then redis.call('ZREM', KEYS[1], unpack(ended)) end
-return #ended
-"""
-
-
 def rescue(queue: str) -> list[str]:
     """Make sure stored batches are applied whatever became of their messages; the batches new messages were
     enqueued for."""
     store = batches()
-    reclaimed = store.eval(_RECLAIM, 2, leased_key(queue), pending_key(queue))
+    reclaimed = WorkerScripts(store).reclaim_leases(leased_key(queue), pending_key(queue))
     if reclaimed:
         log.warning("%s leased batches were not deleted in time: pending again", reclaimed)
     # Each waiting message takes pending batches with it; with none waiting, nothing else would.

@@ -1,6 +1,7 @@
 """Thin Celery tasks: fetch the batches, apply them in one transaction, retry or dead-letter."""
 
 import contextlib
+import functools
 import logging
 import random
 from typing import cast
@@ -10,12 +11,13 @@ import redis
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
-from schema.messages import ACCOUNTED_LUA, APPLY_TASK, Op, leased_key, pending_key
+from schema.messages import APPLY_TASK, Op, leased_key, pending_key, run_key, unwritten_runs_key
+from schema.protocol import WorkerScripts
 from schema.settings import get_settings
 from schema.status import STATS_KEY
 from worker import metrics
 from worker.app import app
-from worker.apply import Outcome, apply_ops, dead_letter, decode_batch
+from worker.apply import Outcome, apply_ops, dead_letter, decode_batch, waiting
 from worker.db import batches, unit_of_work
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,10 @@ MAX_RETRIES = 10
 # At most this many other batches, and this many bytes of them, join a message's batch in one transaction.
 SIBLINGS = 50
 MAX_BYTES = 8 * 1024 * 1024
+# A batch waiting for runs or threads not written yet tries again soon, then less often; after MAX_WAITS tries
+# (some ten minutes) its operations are dead-lettered as they stand (their run or thread unknown).
+MAX_WAITS = 70
+WAIT_CAP_SECONDS = 10.0
 
 
 def backoff(retries: int) -> float:
@@ -40,10 +46,18 @@ def unreachable(exc: BaseException) -> bool:
         exc.connection_invalidated or type(exc.orig) is psycopg.OperationalError)
 
 
+CREATES_FIRST = {"run.create": 0, "thread.create": 1}
+
+
+class Waiting(Exception):
+    """This message's batch holds operations whose run or thread a worker has not written yet."""
+
+
 @app.task(name=APPLY_TASK, bind=True)
 def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
     try:
-        keys, ops = take_batches(key)
+        keys, batched = take_batches(key)
+        keys, ops = ready(key, keys, batched)
         if not keys:
             # A batch is deleted only after its operations committed: this message's work is done.
             return
@@ -52,8 +66,16 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         # Only now: a worker that dies before this line leaves the batches to their own messages.
         delete_batches(keys)
         record(outcome)
+        forget_pending_views(outcome.runs_created)
         log.info("applied %d operations, %d results", outcome.applied, outcome.results, extra={
             "batches": [name for name, _ in keys], "request_ids": [op.get("request_id") for op in ops[:200]]})
+    except Waiting as exc:
+        # The creates these operations wait for were accepted before them and are on their way; once a worker
+        # has written them, this goes. Only if they never come (dead-lettered) does it end as dead letters too.
+        if self.request.retries >= MAX_WAITS and dead_letter_batch(key):
+            return
+        raise self.retry(exc=exc, countdown=min(WAIT_CAP_SECONDS, 0.05 * 2.0 ** min(self.request.retries, 8))) \
+            from exc
     except Exception as exc:
         # Nothing here may end the task with an error: Celery would acknowledge the message and its batch
         # would never be applied. Database or Redis down, a deadlock, a statement timeout: retry later;
@@ -65,60 +87,54 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
 
 
-# KEYS: stats, leases, then batches. ARGV: their payloads' sizes. Only the worker that deletes a batch discounts
-# it, by what the shim counted for it; deleting it also ends its lease.
-_DELETE = ACCOUNTED_LUA + """
-for i = 3, #KEYS do
-  if redis.call('DEL', KEYS[i]) == 1 then
-    redis.call('HINCRBY', KEYS[1], 'queued_bytes', -accounted(tonumber(ARGV[i - 2])))
-  end
-  redis.call('ZREM', KEYS[2], KEYS[i])
-end
-"""
 
-# KEYS: pending list, leases. ARGV: how many, lease seconds. Takes batches from the pending list and leases them
-# in the same step: if the transaction that took them never commits (its worker killed, Redis gone before the
-# reply), the sweeper puts them back when the lease ends. Their own messages cannot be relied on: Redis loses a
-# message it handed out just before crashing, and Celery drops a message whose retry it could not enqueue.
-# Batches already applied and deleted are dropped from the list here. (The batch keys are not declared: the
-# Celery Redis transport needs a single Redis, not a cluster, anyway.)
-_TAKE = """
-local taken = redis.call('LPOP', KEYS[1], ARGV[1])
-if not taken then return {} end
-local until_ = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[2])
-local out = {}
-for _, key in ipairs(taken) do
-  if redis.call('EXISTS', key) == 1 then
-    redis.call('ZADD', KEYS[2], until_, key)
-    out[#out + 1] = key
-  end
-end
-return out
-"""
+@functools.cache
+def _scripts() -> WorkerScripts:
+    return WorkerScripts(batches())
 
 
 def delete_batches(keys: list[tuple[str, int]]) -> None:
     """Delete applied batches (name, size), end their leases and take their bytes off the queue's count."""
-    if keys:
-        batches().eval(_DELETE, len(keys) + 2, STATS_KEY, leased_key(app.conf.task_default_queue),
-                       *(name for name, _ in keys), *(size for _, size in keys))
+    _scripts().delete_batches(leased_key(app.conf.task_default_queue), keys)
 
 
-def take_batches(key: str, siblings: bool = True) -> tuple[list[tuple[str, int]], list[Op]]:
+def ready(key: str, keys: list[tuple[str, int]], ops: list[list[Op]]) -> tuple[list[tuple[str, int]], list[Op]]:
+    """The batches that can be applied now, and their operations in order. A sibling whose operations wait
+    for a run or thread not written yet is left out (it stays leased: its own message, or the lease's end,
+    brings it back); the message's own batch waiting raises Waiting. Leaving one out can make another wait
+    (its thread's create was there), so this settles in rounds."""
+    while keys:
+        with unit_of_work() as conn:
+            blocked = waiting(conn, [op for batch in ops for op in batch])
+        if not blocked:
+            return keys, [op for batch in ops for op in batch]
+        position, keep = 0, []
+        for i, batch in enumerate(ops):
+            if any(position + j in blocked for j in range(len(batch))):
+                if keys[i][0] == key:
+                    raise Waiting(key)
+            else:
+                keep.append(i)
+            position += len(batch)
+        keys, ops = [keys[i] for i in keep], [ops[i] for i in keep]
+    return [], []
+
+
+def take_batches(key: str, siblings: bool = True) -> tuple[list[tuple[str, int]], list[list[Op]]]:
     """This message's batch and, to apply in the same transaction, others waiting in the pending list.
 
     Under load many small batches wait; applying them together keeps the cost per result flat. A batch
     taken here stays stored, and leased, until it is applied.
     """
     store = batches()
-    others: list[bytes] = []
+    others: list[str] = []
     if siblings:
         queue = app.conf.task_default_queue
-        others = cast(list[bytes], store.eval(_TAKE, 2, pending_key(queue), leased_key(queue), SIBLINGS,
-                                              get_settings().visibility_timeout))
-    keys = [key, *(k.decode() for k in others if k.decode() != key)]
+        others = _scripts().take_batches(pending_key(queue), leased_key(queue), SIBLINGS,
+                                         get_settings().visibility_timeout)
+    keys = [key, *(k for k in others if k != key)]
     found: list[tuple[str, int]] = []
-    ops: list[Op] = []
+    ops: list[list[Op]] = []
     size = 0
     for name, payload in zip(keys, store.mget(keys), strict=True):
         # A sibling left out for its size stays leased: its own message, or the lease's end, brings it back.
@@ -126,7 +142,7 @@ def take_batches(key: str, siblings: bool = True) -> tuple[list[tuple[str, int]]
             continue
         size += len(payload)
         found.append((name, len(payload)))
-        ops.extend(decode_batch(cast(bytes, payload)))
+        ops.append(decode_batch(cast(bytes, payload)))
     return found, ops
 
 
@@ -146,14 +162,28 @@ def apply_batch(ops: list[Op]) -> Outcome:
         # set aside, with its payload and the error, for an operator to replay.
         total = Outcome()
         if len(ops) > 1:
-            for op in ops:
+            # Creates first: the operations after them may be on the runs and threads they create.
+            for op in sorted(ops, key=lambda op: CREATES_FIRST.get(op["kind"], 2)):
                 one = apply_batch([op])
                 total.applied += one.applied
                 total.results += one.results
                 total.kinds += one.kinds
+                total.runs_created += one.runs_created
         else:
             dead_letter_one(ops[0], exc)
         return total
+
+
+def forget_pending_views(runs: list[tuple[int, int]]) -> None:
+    """The runs (run, project) are written: reads find them in PostgreSQL now, and what was kept for them
+    meanwhile can go."""
+    if runs:
+        with contextlib.suppress(redis.RedisError):  # it would expire with the run's state anyway
+            pipe = batches().pipeline(transaction=False)
+            for run_id, project_id in runs:
+                pipe.hdel(run_key(run_id), "pending")
+                pipe.srem(unwritten_runs_key(project_id), run_id)
+            pipe.execute()
 
 
 def record(outcome: Outcome) -> None:
@@ -174,7 +204,8 @@ def dead_letter_batch(key: str) -> bool:
     too (then the message is retried as before)."""
     log.error("batch %s keeps failing: applying its operations one by one", key)
     try:
-        keys, ops = take_batches(key, siblings=False)
+        keys, batched = take_batches(key, siblings=False)
+        ops = [op for batch in batched for op in batch]
         for op in ops:
             try:
                 apply_batch([op])

@@ -328,11 +328,22 @@ def test_redis_restarted_with_aof_keeps_every_accepted_append(
         fleet.push(appends=40, tests=20, pause=0.05)
         crasher.join()
         fleet.push(appends=2, tests=20)
+        # Ids come from PostgreSQL's sequences, not from Redis: none is handed out again after the restart.
+        api = Api(stack.url, token)
+        later = [api.create_thread(fleet.run_id) for _ in range(3)]
+        later_run = api.create_run(project_id)
+        for thread_id in later:
+            api.complete_thread(thread_id)
+        assert not set(later) & set(fleet.thread_ids) and later_run != fleet.run_id
 
         assert set(fleet.refused) <= {503, 0}, fleet.refused
         assert fleet.refused, "the outage should have refused some appends"
         run = fleet.complete(lambda: stalled(engine, redis_server.url, stack.env["INGEST_QUEUE"], fleet.run_id))
         assert_exactly_once(engine, fleet, run, maybe=fleet.refused_keys)
+        assert run["thread_count"] == fleet.threads + len(later)
+        api.complete_run(later_run)
+        api.wait_completed(later_run)
+        api.close()
     finally:
         redis_server.stop()
 

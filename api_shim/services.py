@@ -90,6 +90,9 @@ class Services:
     auth: Authenticator
     statuses: StatusTable
     thread_ops: "GroupCommit[ThreadOp, str]"
+    # New threads apart: a CI job waits on its thread's id before it sends anything, so its create must not
+    # wait behind a flush of megabytes of other jobs' appends.
+    thread_creates: "GroupCommit[ThreadOp, str]"
     run_ids: IdBlocks
     thread_ids: IdBlocks
     catalog: Catalog
@@ -154,6 +157,8 @@ class Services:
             StatusTable(),
             thread_ops=GroupCommit(queue.thread_ops_with_retry, max_items=BATCH_OPS, max_bytes=BATCH_BYTES,
                                    size=lambda op: len(op.op), shared=DEPENDENCY_DOWN),
+            thread_creates=GroupCommit(queue.thread_ops_with_retry, max_items=BATCH_OPS, max_bytes=BATCH_BYTES,
+                                       size=lambda op: len(op.op), shared=DEPENDENCY_DOWN),
             run_ids=IdBlocks(engine, "automation_runs", RUN_IDS, retry),
             thread_ids=IdBlocks(engine, "automation_run_threads", THREAD_IDS, retry),
             catalog=Catalog(engine, redis, IdBlocks(engine, "automation_sources", SOURCE_IDS, retry), retry),

@@ -249,7 +249,7 @@ async def create_thread(request: Request) -> Response:
         "elapsed_computed": body.get("elapsed_computed"), "fields": body.get("fields", []),
         "artifacts": body.get("artifacts", [])}
     create = ThreadOp("n", run_id, thread_id, orjson.dumps(op), resources=resources, idem=idem)
-    verdict = await _enqueue(s, run_id, None, lambda: s.thread_ops.submit(create))
+    verdict = await _enqueue(s, run_id, None, lambda: s.thread_creates.submit(create))
     _check_accepted(s, verdict, "run")
     if verdict == "ok":
         s.state.remember_thread(ThreadRef(thread_id, run_id, project_id))

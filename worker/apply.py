@@ -318,12 +318,12 @@ def waiting(conn: Connection, ops: list[Op]) -> set[int]:
                and (t := thread_of(op)) is not None} - threads_created
     if not runs and not threads:
         return set()
-    present_runs = {row[0] for row in conn.exec_driver_sql(
-        "SELECT id FROM automation_runs WHERE id = ANY(%(ids)s)", {"ids": sorted(runs)})} if runs else set()
-    present_threads = {row[0] for row in conn.exec_driver_sql(
-        "SELECT id FROM automation_run_threads WHERE id = ANY(%(ids)s)", {"ids": sorted(threads)})} if threads \
-        else set()
-    missing_runs, missing_threads = runs - present_runs, threads - present_threads
+    present = conn.exec_driver_sql(
+        "SELECT false, id FROM automation_runs WHERE id = ANY(%(runs)s) UNION ALL "
+        "SELECT true, id FROM automation_run_threads WHERE id = ANY(%(threads)s)",
+        {"runs": sorted(runs), "threads": sorted(threads)}).all()
+    missing_runs = runs - {row_id for is_thread, row_id in present if not is_thread}
+    missing_threads = threads - {row_id for is_thread, row_id in present if is_thread}
     return {i for i, op in enumerate(ops) if op["run_id"] in missing_runs or thread_of(op) in missing_threads}
 
 

@@ -4,6 +4,7 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from typing import cast
 
 import psycopg
@@ -29,10 +30,12 @@ MAX_RETRIES = 10
 # At most this many other batches, and this many bytes of them, join a message's batch in one transaction.
 SIBLINGS = 50
 MAX_BYTES = 8 * 1024 * 1024
-# A batch waiting for runs or threads not written yet tries again soon, then less often; after MAX_WAITS tries
-# (some ten minutes) its operations are dead-lettered as they stand (their run or thread unknown).
-MAX_WAITS = 70
-WAIT_CAP_SECONDS = 10.0
+# A batch waiting for runs or threads not written yet looks again for WAIT_HERE_SECONDS, then goes back to the
+# queue for WAIT_SECONDS; after MAX_WAITS of those (some ten minutes) its operations are dead-lettered as they
+# stand (their run or thread unknown).
+WAIT_HERE_SECONDS = 0.5
+WAIT_SECONDS = 0.5
+MAX_WAITS = 1200
 
 
 def backoff(retries: int) -> float:
@@ -74,8 +77,7 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         # has written them, this goes. Only if they never come (dead-lettered) does it end as dead letters too.
         if self.request.retries >= MAX_WAITS and dead_letter_batch(key):
             return
-        raise self.retry(exc=exc, countdown=min(WAIT_CAP_SECONDS, 0.05 * 2.0 ** min(self.request.retries, 8))) \
-            from exc
+        raise self.retry(exc=exc, countdown=WAIT_SECONDS) from exc
     except Exception as exc:
         # Nothing here may end the task with an error: Celery would acknowledge the message and its batch
         # would never be applied. Database or Redis down, a deadlock, a statement timeout: retry later;
@@ -103,19 +105,26 @@ def ready(key: str, keys: list[tuple[str, int]], ops: list[list[Op]]) -> tuple[l
     for a run or thread not written yet is left out (it stays leased: its own message, or the lease's end,
     brings it back); the message's own batch waiting raises Waiting. Leaving one out can make another wait
     (its thread's create was there), so this settles in rounds."""
+    deadline = time.monotonic() + WAIT_HERE_SECONDS
     while keys:
         with unit_of_work() as conn:
             blocked = waiting(conn, [op for batch in ops for op in batch])
         if not blocked:
             return keys, [op for batch in ops for op in batch]
-        position, keep = 0, []
+        position, keep, mine_blocked = 0, [], False
         for i, batch in enumerate(ops):
             if any(position + j in blocked for j in range(len(batch))):
-                if keys[i][0] == key:
-                    raise Waiting(key)
+                mine_blocked = mine_blocked or keys[i][0] == key
             else:
                 keep.append(i)
             position += len(batch)
+        if mine_blocked:
+            # Most often the create it waits for is being applied by another worker this very moment: look
+            # again shortly before handing the message back to the queue.
+            if time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            raise Waiting(key)
         keys, ops = [keys[i] for i in keep], [ops[i] for i in keep]
     return [], []
 

@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from sqlalchemy import Engine, create_engine, text
@@ -83,10 +84,10 @@ class Project:
     api: Api
 
 
-def new_project(admin: Admin, url: str) -> Project:
+def new_project(admin: Admin, url: str, transport: httpx.BaseTransport | None = None) -> Project:
     project_id = admin.create_project(unique("project"))
     token = admin.create_token(unique("user"), [project_id])
-    return Project(project_id, token, Api(url, token))
+    return Project(project_id, token, Api(url, token, transport=transport))
 
 
 @pytest.fixture

@@ -388,6 +388,27 @@ def test_run_delete_leaves_no_row_of_the_run_behind(engine: Engine, redis_client
     assert delete_run(engine, redis_client, doomed.id) is None
 
 
+def test_a_project_keeps_its_runs_as_long_as_it_says(engine: Engine) -> None:
+    project = Store(engine).project(None)
+
+    def retention(*days: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ingest.cli", "admin", "project", "retention", *days],
+                              env=service_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    def stored() -> int | None:
+        with engine.connect() as conn:
+            days: int | None = conn.execute(text("SELECT retention_days FROM projects WHERE id = :p"),
+                                            {"p": project}).scalar_one()
+        return days
+
+    assert "kept 12 days" in retention("--project", str(project), "12").stdout and stored() == 12
+    assert "kept forever" in retention("--project", str(project), "0").stdout and stored() == 0
+    assert "INGEST_RETENTION_DAYS" in retention("--project", str(project), "default").stdout and stored() is None
+    assert retention("--project", str(project), "-3").returncode == 2
+    missing = retention("--project", "999999999", "5")
+    assert missing.returncode == 1 and "no project with id 999999999" in missing.stderr
+
+
 # --- the in-place migration ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key", ["0001", "run_id first"])

@@ -37,6 +37,12 @@ class Admin:
                 raise AdminError(f"a project named {name!r} exists already")
             return int(conn.execute(text("SELECT id FROM projects WHERE name = :n"), {"n": name}).scalar_one())
 
+    def set_retention(self, project_id: int, days: int | None) -> None:
+        """Keep the project's completed runs `days` days (0: forever; None: INGEST_RETENTION_DAYS)."""
+        with self.engine.begin() as conn:
+            self._require_project(conn, project_id)
+            conn.execute(text("UPDATE projects SET retention_days = :d WHERE id = :p"), {"d": days, "p": project_id})
+
     def create_named(self, table: str, project_id: int, name: str) -> int:
         """A config or a milestone in a project."""
         assert table in ("configs", "milestones")
@@ -117,9 +123,11 @@ class Admin:
                 {"ids": ids}).all()
         scripts = WorkerScripts(self.redis)
         for done, (letter_id, payload) in enumerate(rows, 1):
-            scripts.replay(Batch.new(self.settings.queue), orjson.dumps([payload]))
+            # Marked before it is queued: a worker applies an operation past its dedupe window only as a replay
+            # an operator asked for (worker/apply.py `claim`), and may get to it at once.
             with self.engine.begin() as conn:
                 conn.execute(text("UPDATE dead_letters SET replayed_at = now() WHERE id = :id"), {"id": letter_id})
+            scripts.replay(Batch.new(self.settings.queue), orjson.dumps([payload]))
             progress(done, len(rows))
         return len(rows)
 

@@ -44,6 +44,7 @@ def _worker(args: argparse.Namespace) -> None:
     from worker.app import app
 
     settings = get_settings()
+    _check_dedupe_window()
     concurrency = args.concurrency or settings.worker_concurrency
     metrics.serve(args.metrics_host, args.metrics_port, concurrency)
     app.worker_main([
@@ -74,6 +75,69 @@ def _run_complete(args: argparse.Namespace) -> None:
     else:
         print(f"run {args.run_id}: no such open run", file=sys.stderr)
         sys.exit(1)
+
+
+def _run_delete(args: argparse.Namespace) -> None:
+    from ingest.admin import Admin
+    from worker.lifecycle import delete_run
+
+    admin = Admin(get_settings())
+    try:
+        results = delete_run(admin.engine, admin.redis, args.run_id)
+    finally:
+        admin.close()
+    if results is None:
+        print(f"run {args.run_id}: no such run", file=sys.stderr)
+        sys.exit(1)
+    print(f"run {args.run_id} deleted, with its threads and {results:,} results")
+
+
+def _project_retention(args: argparse.Namespace) -> None:
+    from ingest.admin import Admin
+
+    days = None if args.days == "default" else int(args.days)
+    admin = Admin(get_settings())
+    try:
+        admin.set_retention(args.project, days)
+    finally:
+        admin.close()
+    keeps = ("INGEST_RETENTION_DAYS" if days is None else "forever" if days == 0 else f"{days} days")
+    print(f"project {args.project}: completed runs are kept {keeps} after their completion")
+
+
+def _retention_apply(args: argparse.Namespace) -> None:
+    from sqlalchemy import create_engine
+
+    from worker.lifecycle import LifecycleError, apply_retention
+
+    settings = get_settings()
+    _check_dedupe_window()
+    engine = create_engine(settings.database_url)
+    try:
+        report = apply_retention(engine, settings, dry_run=args.dry_run)
+    except LifecycleError as exc:
+        print(f"ingest: {exc}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        engine.dispose()
+    print("\n".join(report.lines()))
+
+
+def _check_dedupe_window() -> None:
+    """Refuse to start what claims or forgets operation ids with a dedupe window a redelivery could outlast."""
+    from worker.lifecycle import LifecycleError, check_dedupe_window
+
+    try:
+        check_dedupe_window(get_settings())
+    except LifecycleError as exc:
+        print(f"ingest: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _days(value: str) -> str:
+    if value != "default" and not value.isdigit():
+        raise argparse.ArgumentTypeError("a number of days (0: forever), or `default`")
+    return value
 
 
 def _status(args: argparse.Namespace) -> None:
@@ -139,6 +203,10 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--exist-ok", action="store_true", help="print the id of an existing project")
     create.set_defaults(func=_admin, what="project")
+    retention = project.add_parser("retention", help="days a project's completed runs are kept (0: forever)")
+    retention.add_argument("--project", type=int, required=True)
+    retention.add_argument("days", type=_days, help="days, 0 for forever, or `default` for INGEST_RETENTION_DAYS")
+    retention.set_defaults(func=_project_retention)
     for what in ("config", "milestone"):
         named = admin.add_parser(what).add_subparsers(required=True)
         create = named.add_parser("create", help=f"create a {what} in a project; prints its id")
@@ -157,6 +225,13 @@ def parser() -> argparse.ArgumentParser:
     complete = run.add_parser("complete", help="complete a run now, with what has been applied")
     complete.add_argument("run_id", type=int)
     complete.set_defaults(func=_run_complete)
+    delete = run.add_parser("delete", help="remove a run, open or not, and everything of it")
+    delete.add_argument("run_id", type=int)
+    delete.set_defaults(func=_run_delete)
+    store = admin.add_parser("retention", help="removing what is past its retention").add_subparsers(required=True)
+    apply = store.add_parser("apply", help="a retention pass now (the workers make one daily); prints what went")
+    apply.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")
+    apply.set_defaults(func=_retention_apply)
 
     status = sub.add_parser("status", help="queue depth, rates, workers, dead letters and stuck runs")
     status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",

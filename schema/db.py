@@ -4,6 +4,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, make_url, text
 
+from schema.partitions import ensure_ahead
 from schema.settings import get_settings
 
 
@@ -40,6 +41,14 @@ def drop_database(database_url: str) -> None:
 
 
 def upgrade(database_url: str | None = None) -> None:
+    """Create the database if missing, migrate it, and make the partitions the configured dedupe window needs
+    (the migrations make those of the default window; workers keep them coming)."""
     url = database_url or get_settings().database_url
     create_database_if_missing(url)
     command.upgrade(alembic_config(url), "head")
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            ensure_ahead(conn, get_settings().dedupe_days)
+    finally:
+        engine.dispose()

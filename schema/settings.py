@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     stuck_after_seconds: int = 3600
     # How often a worker looks for such runs and threads, and for batches no message will bring.
     sweep_interval_seconds: int = 60
+    # Completed runs are removed, with their threads and results, this many days after their completion
+    # (0: kept forever); `ingest admin project retention` overrides it for one project. Open runs are never
+    # removed. The workers' sweeper applies it once a day.
+    retention_days: Annotated[int, Field(ge=0)] = 90
+    # How long an operation's id is remembered once claimed, so that a redelivery is recognised: an operation
+    # arriving later than this after it was accepted is dead-lettered ("outside the dedupe window"), never
+    # applied twice. Workers refuse to start when it is not longer than the visibility timeout plus the longest
+    # retry (worker/lifecycle.py).
+    dedupe_days: Annotated[int, Field(ge=1)] = 7
     # Scheduling niceness added to worker processes: where the shim shares the machine, accepting requests
     # takes precedence over applying them (the queue absorbs the difference).
     worker_nice: int = 10

@@ -3,6 +3,7 @@
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Column,
     DateTime,
     ForeignKey,
@@ -52,6 +53,8 @@ projects = Table(
     _id(),
     Column("name", Text, nullable=False, unique=True),
     _created_at(),
+    # Days completed runs are kept after their completion, overriding INGEST_RETENTION_DAYS (0: forever).
+    Column("retention_days", Integer, CheckConstraint("retention_days >= 0", name="ck_projects_retention_days")),
 )
 
 users = Table(
@@ -174,9 +177,13 @@ automation_run_threads = Table(
 
 # One row per test result. No foreign keys: the worker writes results only for threads it holds locked,
 # and a per-row key check would double the cost of the COPY that carries them.
+#
+# Partitioned by day of `created_at` (the accept time of the append that carried the result), so that
+# retention drops whole days instead of deleting rows (schema/partitions.py, worker/lifecycle.py). A key of a
+# partitioned table must hold the partition key; ids alone stay unique, drawn from the identity.
 automation_results = Table(
     "automation_results", metadata,
-    _id(),
+    Column("id", BigInteger, Identity(), primary_key=True),
     Column("run_id", BigInteger, nullable=False),
     Column("thread_id", BigInteger, nullable=False, index=True),
     Column("status_id", SmallInteger, nullable=False),
@@ -189,14 +196,22 @@ automation_results = Table(
     Column("assertions", Integer),
     Column("fields", JSONB),
     Column("artifacts", JSONB),
-    _created_at(),
+    Column("created_at", DateTime(timezone=True), primary_key=True, server_default=NOW),
+    postgresql_partition_by="RANGE (created_at)",
 )
 
 # The idempotency inbox: a queued operation's id is claimed in the same transaction as its effect.
+#
+# Partitioned by day of `accepted_at`, the operation's own accept time (`at`), which every delivery of it carries
+# unchanged: all its claims meet in one partition, where the key sees them. Partitions older than the dedupe
+# window (INGEST_DEDUPE_DAYS) are dropped; an operation arriving after its window is dead-lettered before any
+# claim (worker/apply.py `claim`).
 applied_ops = Table(
     "applied_ops", metadata,
     Column("id", UUID(as_uuid=False), primary_key=True),
+    Column("accepted_at", DateTime(timezone=True), primary_key=True),
     Column("applied_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    postgresql_partition_by="RANGE (accepted_at)",
 )
 
 # Operations that could not be applied: kept with their payload and error, replayable.

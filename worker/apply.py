@@ -2,7 +2,8 @@
 
 The order of work in `apply_ops` is what keeps parallel workers correct and free of deadlocks:
 
-1. claim the operation ids (sorted), so that a redelivered operation is skipped;
+1. claim the operation ids (sorted), so that a redelivered operation is skipped (and one that arrives after
+   its dedupe window is dead-lettered);
 2. lock the threads concerned (sorted by id), compute their new state in Python from the locked rows,
    write the results by COPY and each thread's new state with one UPDATE;
 3. lock the runs concerned (sorted by id), add the threads' changes, and finalise any run whose
@@ -16,7 +17,7 @@ operation accepted for it has been applied, so no other transaction holds or wai
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import msgspec
@@ -28,6 +29,7 @@ from sqlalchemy import Connection
 from schema.escapes import storable_escapes
 from schema.messages import RESULT_FIELDS, JsonObject, Op, ThreadAppendOp, ThreadCompleteOp
 from schema.requests import saturating_add
+from schema.settings import get_settings
 from schema.statuses import COUNT_COLUMNS, RUN_STATUS_FAILED, RUN_STATUS_PASSED
 
 N_STATUSES = len(COUNT_COLUMNS)
@@ -184,9 +186,12 @@ def status_aliases(conn: Connection) -> dict[str, int]:
 
 def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
     outcome = Outcome()
-    fresh = claim(conn, ops)
-    outcome.duplicates = len(ops) - len(fresh)
+    fresh, late = claim(conn, ops)
+    outcome.duplicates = len(ops) - len(fresh) - len(late)
+    outcome.dead.extend(late)
     if not fresh:
+        if late:
+            dead_letter(conn, late)
         return outcome
     failed_ids = failed_status_ids(conn)
     aliases = status_aliases(conn) if any("body" in op for op in fresh) else {}
@@ -244,8 +249,9 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
 
     if outcome.dead:
         dead_letter(conn, outcome.dead)
-    outcome.applied = len(fresh) - len(outcome.dead)
-    outcome.kinds = Counter(str(op["kind"]) for op in fresh) - Counter(str(op["kind"]) for op, _ in outcome.dead)
+    refused = outcome.dead[len(late):]  # of the claimed ones
+    outcome.applied = len(fresh) - len(refused)
+    outcome.kinds = Counter(str(op["kind"]) for op in fresh) - Counter(str(op["kind"]) for op, _ in refused)
     return outcome
 
 
@@ -500,26 +506,73 @@ def finalise_run(conn: Connection, run: RunState, failed_ids: list[int]) -> None
 
 # --- SQL -----------------------------------------------------------------------------------------------------
 
-def claim(conn: Connection, ops: list[Op]) -> list[Op]:
-    """Claim the ids of `ops`; return those not claimed before, in their original order.
+OUTSIDE_WINDOW = "outside the dedupe window"
+# A replay whose operation was accepted less than this beyond the window is claimed under its accept time
+# still: its partition is kept this much longer than the window (worker/lifecycle.py), and a delivery of the
+# original that was inside the window when it was claimed may still be in flight.
+WINDOW_MARGIN = timedelta(days=1)
 
+
+def claim(conn: Connection, ops: list[Op], window: timedelta | None = None) -> tuple[list[Op], list[tuple[Op, str]]]:
+    """Claim the ids of `ops`. Returns those not claimed before, in their original order, and those that
+    arrived after their dedupe window (`INGEST_DEDUPE_DAYS`), to be dead-lettered unapplied.
+
+    An id is claimed under its operation's accept time `at`, which every delivery of the operation carries
+    unchanged: all its claims meet in one partition of applied_ops, whose key (id, accepted_at) sees them.
     Sorting makes concurrent claims of overlapping id sets queue up instead of deadlocking. A second
     transaction claiming an id the first has not committed yet waits for it, then skips the id.
     """
-    ids = sorted({op["id"] for op in ops})
+    window = window or timedelta(days=get_settings().dedupe_days)
+    now = datetime.now(UTC)
+    accepted = {op["id"]: datetime.fromisoformat(op["at"]) for op in ops}
+    inside = sorted(i for i, at in accepted.items() if at >= now - window)
     claimed = {
         str(row[0]) for row in conn.exec_driver_sql(
-            "INSERT INTO applied_ops (id) SELECT unnest(%(ids)s::uuid[]) ORDER BY 1 "
+            "INSERT INTO applied_ops (id, accepted_at) "
+            "SELECT * FROM unnest(%(ids)s::uuid[], %(ats)s::timestamptz[]) ORDER BY 1 "
             "ON CONFLICT DO NOTHING RETURNING id",
-            {"ids": ids},
+            {"ids": inside, "ats": [accepted[i] for i in inside]},
         )
-    }
+    } if inside else set()
+    late = sorted(accepted.keys() - set(inside))
+    outside: set[str] = set()
+    if late:
+        replayed, outside = _claim_late(conn, late, accepted, now, window)
+        claimed |= replayed
     fresh = []
+    refused = []
     for op in ops:
         if op["id"] in claimed:
             claimed.discard(op["id"])  # the same id twice in one batch is still one operation
             fresh.append(op)
-    return fresh
+        elif op["id"] in outside:
+            outside.discard(op["id"])
+            refused.append((op, OUTSIDE_WINDOW))
+    return fresh, refused
+
+
+def _claim_late(conn: Connection, ids: list[str], accepted: dict[str, datetime], now: datetime,
+                window: timedelta) -> tuple[set[str], set[str]]:
+    """Operations past their window: (claimed, refused). Whether one was applied before can no longer be told
+    once its claim is gone, so it is applied only as a replay an operator asked for (`ingest dlq replay`, which
+    marks its dead letter replayed): claimed through its dead letter, whose row lock lets one delivery at a
+    time look for a claim of the id in every partition kept, and claim it once. The others are refused, unless
+    a claim of theirs is still kept (then they are duplicates)."""
+    lettered = {str(row[0]) for row in conn.exec_driver_sql(
+        "SELECT op_id FROM dead_letters WHERE op_id = ANY(%(ids)s::uuid[]) AND replayed_at IS NOT NULL "
+        "ORDER BY op_id FOR UPDATE", {"ids": ids})}
+    seen = {str(row[0]) for row in conn.exec_driver_sql(
+        "SELECT id FROM applied_ops WHERE id = ANY(%(ids)s::uuid[])", {"ids": ids})}
+    replays = sorted(lettered - seen)
+    claimed: set[str] = set()
+    if replays:
+        under = [accepted[i] if accepted[i] >= now - window - WINDOW_MARGIN else now for i in replays]
+        claimed = {str(row[0]) for row in conn.exec_driver_sql(
+            "INSERT INTO applied_ops (id, accepted_at) "
+            "SELECT * FROM unnest(%(ids)s::uuid[], %(ats)s::timestamptz[]) ORDER BY 1 "
+            "ON CONFLICT DO NOTHING RETURNING id",
+            {"ids": replays, "ats": under})}
+    return claimed, set(ids) - lettered - seen
 
 
 def failed_status_ids(conn: Connection) -> list[int]:

@@ -18,8 +18,9 @@ from redis import Redis
 from schema.messages import CLOSED_TTL_SECONDS, leased_key, pending_key, run_key, thread_key
 from schema.protocol import WorkerScripts, celery_message
 from schema.settings import get_settings
+from worker import lifecycle
 from worker.apply import complete_threads, force_complete_run, idle_runs, idle_threads
-from worker.db import batches, unit_of_work
+from worker.db import batches, engine, unit_of_work
 from worker.tasks import SIBLINGS
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,10 @@ def sweep(idle_seconds: int) -> tuple[list[int], list[int]]:
 
 
 def start() -> threading.Thread:
-    """Sweep every `INGEST_SWEEP_INTERVAL_SECONDS` in the background; one worker at a time sweeps."""
+    """Sweep every `INGEST_SWEEP_INTERVAL_SECONDS` in the background; one worker at a time sweeps. Beside it,
+    the store's lifecycle (worker/lifecycle.py): partitions made ahead, and a daily retention pass."""
     settings = get_settings()
+    lifecycle.start(engine(), batches(), settings)
 
     def loop() -> None:
         stop = threading.Event()

@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,6 +36,7 @@ from sqlalchemy import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "perf"))
 
 from support import Service, start_api, start_worker, tree  # noqa: E402
 
@@ -341,6 +343,33 @@ def raw_copy_rate(database_url: str, rows: int) -> float:
     return rows / best
 
 
+def preload(database_url: str, results: int, days: int) -> None:
+    """Older results, loaded as the lifecycle loader loads them, then the database settled as one that has been
+    running is (vacuumed, analysed, checkpointed)."""
+    from lifecycle import load, psycopg_url
+
+    started = time.perf_counter()
+    # Ending yesterday: today's day partition, where the fleet writes, starts empty as it does every day.
+    end = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(seconds=1)
+    load(database_url, results, days, end=end)
+    with psycopg.connect(psycopg_url(database_url), autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")
+    print(f"preloaded {results:,} results over {days} days in {time.perf_counter() - started:.0f} s",
+          file=sys.stderr, flush=True)
+
+
+def bytes_per_result(database_url: str) -> tuple[float, int]:
+    """Table and indexes of the stored results, per result; and how many there are."""
+    url = make_url(database_url).set(drivername="postgresql")
+    with psycopg.connect(url.render_as_string(hide_password=False)) as conn:
+        row = conn.execute(
+            "SELECT (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('automation_results') "
+            "WHERE isleaf), (SELECT count(*) FROM automation_results)").fetchone()
+    assert row is not None
+    return (int(row[0] or 0) / row[1] if row[1] else float("nan")), int(row[1])
+
+
 def stored_counts(database_url: str) -> dict[int, dict[int, int]]:
     url = make_url(database_url).set(drivername="postgresql")
     out: dict[int, dict[int, int]] = defaultdict(dict)
@@ -446,6 +475,11 @@ def main() -> None:
     parser.add_argument("--worker-after", action="store_true",
                         help="start the workers only once every request is accepted: shim and drain apart")
     parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "bench")
+    parser.add_argument("--preload", type=int, default=0, metavar="RESULTS",
+                        help="first load this many older results (completed runs over the --preload-days before "
+                             "today, by tests/perf/lifecycle.py), to measure the fleet on a database that has run "
+                             "for a while")
+    parser.add_argument("--preload-days", type=int, default=30)
     parser.add_argument("--database-url", default=BENCH_DATABASE_URL, help="dropped and created again")
     parser.add_argument("--redis-url", default=BENCH_REDIS_URL, help="flushed")
     args = parser.parse_args()
@@ -453,6 +487,8 @@ def main() -> None:
     settings = Settings(database_url=args.database_url, redis_url=args.redis_url)
     drop_database(args.database_url)
     upgrade(args.database_url)
+    if args.preload:
+        preload(args.database_url, args.preload, args.preload_days)
     with redis.Redis.from_url(args.redis_url) as client:
         client.flushdb()
     admin = Admin(settings)
@@ -490,6 +526,7 @@ def main() -> None:
             w.stop()
     stats: Stats = result["stats"]
     wrong = problems(stats.errors, result["expected"], result["counters"], stored_counts(args.database_url))
+    per_result, stored = bytes_per_result(args.database_url)
     print("measuring raw COPY ...", file=sys.stderr)
     copy_rate = raw_copy_rate(args.database_url, result["total"]) if result["total"] else float("nan")
 
@@ -520,6 +557,8 @@ def main() -> None:
           f"{result['e2e_seconds']:.1f} s)")
     print(f"raw COPY rows/s:         {copy_rate:>10,.0f}")
     print(f"ratio end-to-end / COPY: {e2e_rate / copy_rate:>10.2f}")
+    print(f"bytes per stored result (table + indexes): {per_result:,.0f}, over {stored:,} results"
+          + (f" ({args.preload:,} of them preloaded)" if args.preload else ""))
     print(f"lag, last complete to exact final counters: {result['lag']:.2f} s"
           + (" (includes starting the workers)" if args.worker_after else ""))
     print(f"peak RSS MB: shim {[round(x) for x in rss['shim']]}, "

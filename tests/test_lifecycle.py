@@ -25,9 +25,9 @@ from schema.messages import run_key, thread_key
 from schema.partitions import AHEAD_DAYS, ensure_ahead, ensure_days, partitions
 from schema.settings import Settings
 from schema.statuses import COUNT_COLUMNS
-from worker import apply as apply_module
-from worker.apply import copy_results
+from worker import store as store_module
 from worker.lifecycle import DAILY_KEY, apply_retention, check_dedupe_window, delete_run, tend
+from worker.store import copy_results
 
 PASSED, FAILED = 2, 3
 
@@ -338,7 +338,7 @@ def test_a_redelivery_inside_the_window_is_skipped_outside_it_is_dead_lettered(
 
     # Once its window has passed too, the applied one is still known while its claim is kept: a duplicate,
     # not a dead letter.
-    monkeypatch.setattr(apply_module, "get_settings", lambda: Settings(dedupe_days=2))
+    monkeypatch.setattr(store_module, "get_settings", lambda: Settings(dedupe_days=2))
     kept = seed.apply(inside)
     assert (kept.applied, kept.duplicates, kept.dead) == (0, 1, [])
 

@@ -1,4 +1,5 @@
-"""Applying a batch of queued operations to PostgreSQL, in the caller's transaction.
+"""Applying a batch of queued operations to PostgreSQL, in the caller's transaction: what each operation does
+to its thread and run. The SQL it takes is in worker/store.py.
 
 The order of work in `apply_ops` is what keeps parallel workers correct and free of deadlocks:
 
@@ -14,44 +15,38 @@ run's remaining open threads after the run itself. That is safe: a run is finali
 operation accepted for it has been applied, so no other transaction holds or waits for those threads.
 """
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import msgspec
-import orjson
-from psycopg.adapt import Dumper
-from psycopg.pq import Format
 from sqlalchemy import Connection
 
 from schema.escapes import storable_escapes
-from schema.messages import RESULT_FIELDS, JsonObject, Op, ThreadAppendOp, ThreadCompleteOp
+from schema.messages import Op, ThreadAppendOp, ThreadCompleteOp
 from schema.requests import saturating_add
-from schema.settings import get_settings
-from schema.statuses import COUNT_COLUMNS, RUN_STATUS_FAILED, RUN_STATUS_PASSED
-
-N_STATUSES = len(COUNT_COLUMNS)
-_COUNTS = ", ".join(COUNT_COLUMNS)
-_SET_COUNTS = ", ".join(f"{c} = %s" for c in COUNT_COLUMNS)
-
-RESULT_COLUMNS = ("run_id", "thread_id", *RESULT_FIELDS, "created_at")
-# Binary COPY: the values need no escaping on the way out nor parsing on the way in, which on this machine
-# cuts what a row costs the worker by two thirds (text: 1.4 µs a row, binary 0.5) and what it costs PostgreSQL.
-COPY_RESULTS = f"COPY automation_results ({', '.join(RESULT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-RESULT_TYPES = ["int8", "int8", "int2", "text", "text", "text", "int8", "text", "int4", "int4", "jsonb", "jsonb",
-                "timestamptz"]
-
-
-class JsonbText(Dumper):
-    """A jsonb value for binary COPY from JSON text as it is (str, or UTF-8 bytes): the format's version byte,
-    then the text. (The stock jsonb dumper would encode a str as a JSON string.)"""
-
-    format = Format.BINARY
-
-    def dump(self, obj: Any) -> bytes:
-        return b"\x01" + (obj if isinstance(obj, bytes) else str(obj).encode())
+from schema.statuses import RUN_STATUS_FAILED, RUN_STATUS_PASSED
+from worker.store import (
+    N_STATUSES,
+    RunState,
+    ThreadState,
+    claim,
+    complete_open_threads,
+    copy_results,
+    dead_letter,
+    failed_status_ids,
+    insert_runs,
+    insert_threads,
+    lock_run_threads,
+    lock_runs,
+    lock_threads,
+    longest_thread_elapsed,
+    present,
+    status_aliases,
+    write_run,
+    write_threads,
+)
 
 
 class StoredTest(msgspec.Struct, gc=False):
@@ -93,52 +88,6 @@ def _jsonb(raw: msgspec.Raw) -> bytes | None:
 
 
 @dataclass
-class ThreadState:
-    id: int
-    run_id: int
-    is_completed: bool
-    counts: list[int]
-    appends_applied: int
-    appends_expected: int | None
-    elapsed_observed: int | None
-    elapsed_computed: int | None
-    results_elapsed: int | None
-    complete_requested_at: datetime | None
-    complete_requested_by: int | None
-    # Set when this batch finalises the thread.
-    status: int | None = None
-    # What this batch adds, kept apart so the run can add the same.
-    delta: list[int] = field(default_factory=lambda: [0] * N_STATUSES)
-    new_fields: list[JsonObject] = field(default_factory=list)
-    new_artifacts: list[JsonObject] = field(default_factory=list)
-    changed: bool = False
-    finalised: bool = False
-
-
-@dataclass
-class RunState:
-    id: int
-    is_completed: bool
-    counts: list[int]
-    created_at: datetime
-    ops_applied: int
-    ops_expected: int | None
-    measure_elapsed: bool | None
-    complete_requested_at: datetime | None
-    complete_requested_by: int | None
-    updated_at: datetime | None
-    updated_by: int | None
-    completed_reason: str = "client"
-    # Set when this batch finalises the run.
-    status: int | None = None
-    elapsed: int | None = None
-    new_fields: list[JsonObject] = field(default_factory=list)
-    new_links: list[JsonObject] = field(default_factory=list)
-    new_artifacts: list[JsonObject] = field(default_factory=list)
-    changed: bool = False
-
-
-@dataclass
 class Outcome:
     applied: int = 0
     kinds: Counter[str] = field(default_factory=Counter)  # operations applied, by kind
@@ -152,7 +101,6 @@ class Outcome:
 
 _OPS = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
 _VALUE = msgspec.json.Decoder()
-_encode = msgspec.json.Encoder().encode
 
 
 def decode_batch(payload: bytes) -> list[Op]:
@@ -162,26 +110,6 @@ def decode_batch(payload: bytes) -> list[Op]:
         payload = storable_escapes(payload) or payload
     return [cast(Op, {key: raw if key == "body" else _VALUE.decode(raw) for key, raw in op.items()})
             for op in _OPS.decode(payload)]
-
-
-def encode_op(op: Op) -> bytes:
-    """An operation as JSON again (for a dead letter), its raw body included as it came."""
-    return _encode(op)
-
-
-_aliases: tuple[float, dict[str, int]] = (0.0, {})
-ALIASES_SECONDS = 30.0
-
-
-def status_aliases(conn: Connection) -> dict[str, int]:
-    """Accepted status strings (lower case) to status ids, read again every ALIASES_SECONDS."""
-    global _aliases
-    read_at, aliases = _aliases
-    if time.monotonic() - read_at > ALIASES_SECONDS or not aliases:
-        aliases = {alias.lower(): status_id for status_id, alias in conn.exec_driver_sql(
-            "SELECT id, unnest(aliases) FROM statuses")}
-        _aliases = (time.monotonic(), aliases)
-    return aliases
 
 
 def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
@@ -198,8 +126,8 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
 
     # New runs and threads first: the operations after them in this transaction may be theirs. (Rows nobody
     # else can hold yet, so they add nothing to the order in which locks are taken.)
-    create_runs(conn, [op for op in fresh if op["kind"] == "run.create"])
-    create_threads(conn, [op for op in fresh if op["kind"] == "thread.create"])
+    insert_runs(conn, [op for op in fresh if op["kind"] == "run.create"])
+    insert_threads(conn, [op for op in fresh if op["kind"] == "thread.create"])
     outcome.runs_created = [(op["run_id"], op["project_id"]) for op in fresh if op["kind"] == "run.create"]
 
     # Threads.
@@ -257,62 +185,6 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
 
 # --- creating runs and threads -------------------------------------------------------------------------------
 
-def create_runs(conn: Connection, ops: list[Op]) -> None:
-    """Write the rows of runs the shim created, with their sources where those are new."""
-    if not ops:
-        return
-    creates = [cast(dict[str, Any], op) for op in ops]
-    # A new source's id was drawn by the shim that saw its name first; if the database already holds the
-    # name (under another id: Redis lost the name's claim), the run goes to that one.
-    conn.exec_driver_sql(
-        "INSERT INTO automation_sources (id, project_id, name) "
-        "SELECT * FROM unnest(%(ids)s::bigint[], %(projects)s::bigint[], %(names)s::text[]) ORDER BY 1 "
-        "ON CONFLICT DO NOTHING",
-        {"ids": [c["source_id"] for c in creates], "projects": [c["project_id"] for c in creates],
-         "names": [c["source"] for c in creates]})
-    sources = {(project, name): source_id for project, name, source_id in conn.exec_driver_sql(
-        "SELECT project_id, name, id FROM automation_sources WHERE (project_id, name) IN "
-        "(SELECT * FROM unnest(%(projects)s::bigint[], %(names)s::text[]))",
-        {"projects": [c["project_id"] for c in creates], "names": [c["source"] for c in creates]})}
-    conn.exec_driver_sql(
-        "INSERT INTO automation_runs (id, project_id, source_id, name, config_id, milestone_id, tags, "
-        "  artifacts, fields, links, created_by, created_at) "
-        "SELECT id, project, source, name, config, milestone, "
-        "  ARRAY(SELECT jsonb_array_elements_text(tags)), artifacts, fields, links, creator, at "
-        "FROM unnest(%(ids)s::bigint[], %(projects)s::bigint[], %(sources)s::bigint[], %(names)s::text[], "
-        "  %(configs)s::bigint[], %(milestones)s::bigint[], %(tags)s::jsonb[], %(artifacts)s::jsonb[], "
-        "  %(fields)s::jsonb[], %(links)s::jsonb[], %(creators)s::bigint[], %(ats)s::timestamptz[]) "
-        "  AS n(id, project, source, name, config, milestone, tags, artifacts, fields, links, creator, at) "
-        "ORDER BY id ON CONFLICT (id) DO NOTHING",
-        {"ids": [c["run_id"] for c in creates], "projects": [c["project_id"] for c in creates],
-         "sources": [sources[(c["project_id"], c["source"])] for c in creates],
-         "names": [c["name"] for c in creates], "configs": [c["config_id"] for c in creates],
-         "milestones": [c["milestone_id"] for c in creates], "tags": [_json(c["tags"]) for c in creates],
-         "artifacts": [_json(c["artifacts"]) for c in creates], "fields": [_json(c["fields"]) for c in creates],
-         "links": [_json(c["links"]) for c in creates], "creators": [c["user_id"] for c in creates],
-         "ats": [c["at"] for c in creates]})
-
-
-def create_threads(conn: Connection, ops: list[Op]) -> None:
-    """Write the rows of threads the shim created (their runs are written: see `waiting`)."""
-    if not ops:
-        return
-    creates = [cast(dict[str, Any], op) for op in ops]
-    conn.exec_driver_sql(
-        "INSERT INTO automation_run_threads (id, run_id, project_id, name, elapsed_observed, elapsed_computed, "
-        "  artifacts, fields, created_by, created_at) "
-        "SELECT n.id, n.run, r.project_id, n.name, n.observed, n.computed, n.artifacts, n.fields, n.creator, n.at "
-        "FROM unnest(%(ids)s::bigint[], %(runs)s::bigint[], %(names)s::text[], %(observed)s::bigint[], "
-        "  %(computed)s::bigint[], %(artifacts)s::jsonb[], %(fields)s::jsonb[], %(creators)s::bigint[], "
-        "  %(ats)s::timestamptz[]) AS n(id, run, name, observed, computed, artifacts, fields, creator, at) "
-        "JOIN automation_runs r ON r.id = n.run ORDER BY n.id ON CONFLICT (id) DO NOTHING",
-        {"ids": [c["thread_id"] for c in creates], "runs": [c["run_id"] for c in creates],
-         "names": [c["name"] for c in creates], "observed": [c["elapsed_observed"] for c in creates],
-         "computed": [c["elapsed_computed"] for c in creates],
-         "artifacts": [_json(c["artifacts"]) for c in creates], "fields": [_json(c["fields"]) for c in creates],
-         "creators": [c["user_id"] for c in creates], "ats": [c["at"] for c in creates]})
-
-
 def waiting(conn: Connection, ops: list[Op]) -> set[int]:
     """The positions of operations whose run or thread is neither written nor created among `ops`: the shim
     accepted their create first, but a worker may not have written it yet (Celery keeps no order). They must
@@ -324,12 +196,8 @@ def waiting(conn: Connection, ops: list[Op]) -> set[int]:
                and (t := thread_of(op)) is not None} - threads_created
     if not runs and not threads:
         return set()
-    present = conn.exec_driver_sql(
-        "SELECT false, id FROM automation_runs WHERE id = ANY(%(runs)s) UNION ALL "
-        "SELECT true, id FROM automation_run_threads WHERE id = ANY(%(threads)s)",
-        {"runs": sorted(runs), "threads": sorted(threads)}).all()
-    missing_runs = runs - {row_id for is_thread, row_id in present if not is_thread}
-    missing_threads = threads - {row_id for is_thread, row_id in present if is_thread}
+    written_runs, written_threads = present(conn, runs, threads)
+    missing_runs, missing_threads = runs - written_runs, threads - written_threads
     return {i for i, op in enumerate(ops) if op["run_id"] in missing_runs or thread_of(op) in missing_threads}
 
 
@@ -473,216 +341,17 @@ def _run_ready(run: RunState) -> bool:
     return not run.is_completed and run.ops_expected is not None and run.ops_applied >= run.ops_expected
 
 
-def _thread_status(failed_ids: list[int]) -> str:
-    """SQL for a thread's final status from its counters."""
-    failures = " + ".join(COUNT_COLUMNS[i - 1] for i in failed_ids) or "0"
-    return f"CASE WHEN {failures} > 0 THEN {RUN_STATUS_FAILED} ELSE {RUN_STATUS_PASSED} END"
-
-
 def finalise_run(conn: Connection, run: RunState, failed_ids: list[int]) -> None:
     """Complete the run and its open threads; its counters are final from here on."""
-    # A thread being created holds KEY SHARE on the run; FOR UPDATE waits for it, so that the new thread is
-    # either seen and completed here, or (see `writes.create_thread`) refused because the run is completed.
-    conn.exec_driver_sql("SELECT 1 FROM automation_runs WHERE id = %(run)s FOR UPDATE", {"run": run.id})
-    conn.exec_driver_sql(
-        f"UPDATE automation_run_threads SET is_completed = true, status = {_thread_status(failed_ids)}, "
-        f"completed_at = %(at)s, completed_by = %(by)s, completed_reason = 'run' "
-        f"WHERE run_id = %(run)s AND NOT is_completed",
-        {"at": run.complete_requested_at, "by": run.complete_requested_by, "run": run.id},
-    )
+    complete_open_threads(conn, run, failed_ids)
     assert run.complete_requested_at is not None
     if run.measure_elapsed:
         run.elapsed = int((run.complete_requested_at - run.created_at).total_seconds() * 1_000_000)
     else:
-        run.elapsed = conn.exec_driver_sql(
-            "SELECT max(coalesce(elapsed_observed, elapsed_computed, results_elapsed)) "
-            "FROM automation_run_threads WHERE run_id = %(run)s",
-            {"run": run.id},
-        ).scalar()
+        run.elapsed = longest_thread_elapsed(conn, run.id)
     run.status = RUN_STATUS_FAILED if sum(run.counts[i - 1] for i in failed_ids) else RUN_STATUS_PASSED
     run.is_completed = True
     run.changed = True
-
-
-# --- SQL -----------------------------------------------------------------------------------------------------
-
-OUTSIDE_WINDOW = "outside the dedupe window"
-# A replay whose operation was accepted less than this beyond the window is claimed under its accept time
-# still: its partition is kept this much longer than the window (worker/lifecycle.py), and a delivery of the
-# original that was inside the window when it was claimed may still be in flight.
-WINDOW_MARGIN = timedelta(days=1)
-
-
-def claim(conn: Connection, ops: list[Op], window: timedelta | None = None) -> tuple[list[Op], list[tuple[Op, str]]]:
-    """Claim the ids of `ops`. Returns those not claimed before, in their original order, and those that
-    arrived after their dedupe window (`INGEST_DEDUPE_DAYS`), to be dead-lettered unapplied.
-
-    An id is claimed under its operation's accept time `at`, which every delivery of the operation carries
-    unchanged: all its claims meet in one partition of applied_ops, whose key (id, accepted_at) sees them.
-    Sorting makes concurrent claims of overlapping id sets queue up instead of deadlocking. A second
-    transaction claiming an id the first has not committed yet waits for it, then skips the id.
-    """
-    window = window or timedelta(days=get_settings().dedupe_days)
-    now = datetime.now(UTC)
-    accepted = {op["id"]: datetime.fromisoformat(op["at"]) for op in ops}
-    inside = sorted(i for i, at in accepted.items() if at >= now - window)
-    claimed = {
-        str(row[0]) for row in conn.exec_driver_sql(
-            "INSERT INTO applied_ops (id, accepted_at) "
-            "SELECT * FROM unnest(%(ids)s::uuid[], %(ats)s::timestamptz[]) ORDER BY 1 "
-            "ON CONFLICT DO NOTHING RETURNING id",
-            {"ids": inside, "ats": [accepted[i] for i in inside]},
-        )
-    } if inside else set()
-    late = sorted(accepted.keys() - set(inside))
-    outside: set[str] = set()
-    if late:
-        replayed, outside = _claim_late(conn, late, accepted, now, window)
-        claimed |= replayed
-    fresh = []
-    refused = []
-    for op in ops:
-        if op["id"] in claimed:
-            claimed.discard(op["id"])  # the same id twice in one batch is still one operation
-            fresh.append(op)
-        elif op["id"] in outside:
-            outside.discard(op["id"])
-            refused.append((op, OUTSIDE_WINDOW))
-    return fresh, refused
-
-
-def _claim_late(conn: Connection, ids: list[str], accepted: dict[str, datetime], now: datetime,
-                window: timedelta) -> tuple[set[str], set[str]]:
-    """Operations past their window: (claimed, refused). Whether one was applied before can no longer be told
-    once its claim is gone, so it is applied only as a replay an operator asked for (`ingest dlq replay`, which
-    marks its dead letter replayed): claimed through its dead letter, whose row lock lets one delivery at a
-    time look for a claim of the id in every partition kept, and claim it once. The others are refused, unless
-    a claim of theirs is still kept (then they are duplicates)."""
-    lettered = {str(row[0]) for row in conn.exec_driver_sql(
-        "SELECT op_id FROM dead_letters WHERE op_id = ANY(%(ids)s::uuid[]) AND replayed_at IS NOT NULL "
-        "ORDER BY op_id FOR UPDATE", {"ids": ids})}
-    seen = {str(row[0]) for row in conn.exec_driver_sql(
-        "SELECT id FROM applied_ops WHERE id = ANY(%(ids)s::uuid[])", {"ids": ids})}
-    replays = sorted(lettered - seen)
-    claimed: set[str] = set()
-    if replays:
-        under = [accepted[i] if accepted[i] >= now - window - WINDOW_MARGIN else now for i in replays]
-        claimed = {str(row[0]) for row in conn.exec_driver_sql(
-            "INSERT INTO applied_ops (id, accepted_at) "
-            "SELECT * FROM unnest(%(ids)s::uuid[], %(ats)s::timestamptz[]) ORDER BY 1 "
-            "ON CONFLICT DO NOTHING RETURNING id",
-            {"ids": replays, "ats": under})}
-    return claimed, set(ids) - lettered - seen
-
-
-def failed_status_ids(conn: Connection) -> list[int]:
-    return [row[0] for row in conn.exec_driver_sql("SELECT id FROM statuses WHERE is_failed ORDER BY id")]
-
-
-def lock_threads(conn: Connection, ids: list[int]) -> dict[int, ThreadState]:
-    if not ids:
-        return {}
-    rows = conn.exec_driver_sql(
-        f"SELECT id, run_id, is_completed, appends_applied, appends_expected, elapsed_observed, "
-        f"elapsed_computed, results_elapsed, complete_requested_at, complete_requested_by, {_COUNTS} "
-        f"FROM automation_run_threads WHERE id = ANY(%(ids)s) ORDER BY id FOR NO KEY UPDATE",
-        {"ids": ids},
-    ).mappings()
-    return {row["id"]: ThreadState(counts=[row[c] for c in COUNT_COLUMNS],
-                                   **{k: v for k, v in row.items() if k not in COUNT_COLUMNS})
-            for row in rows}
-
-
-def lock_runs(conn: Connection, ids: list[int]) -> dict[int, RunState]:
-    if not ids:
-        return {}
-    rows = conn.exec_driver_sql(
-        f"SELECT id, is_completed, created_at, ops_applied, ops_expected, "
-        f"measure_elapsed, complete_requested_at, complete_requested_by, updated_at, updated_by, {_COUNTS} "
-        f"FROM automation_runs WHERE id = ANY(%(ids)s) ORDER BY id FOR NO KEY UPDATE",
-        {"ids": ids},
-    ).mappings()
-    return {row["id"]: RunState(counts=[row[c] for c in COUNT_COLUMNS],
-                                **{k: v for k, v in row.items() if k not in COUNT_COLUMNS})
-            for row in rows}
-
-
-def copy_results(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    if not rows:
-        return
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    with raw.cursor() as cur:
-        JsonbText.oid = cur.adapters.types["jsonb"].oid
-        # Registered for str on this cursor only: set_types below picks dumpers by column type, so it is the
-        # one jsonb columns get, and text columns keep theirs.
-        cur.adapters.register_dumper(str, JsonbText)
-        with cur.copy(COPY_RESULTS) as copy:
-            copy.set_types(RESULT_TYPES)
-            for row in rows:
-                copy.write_row(row)
-
-
-def _json(items: list[JsonObject]) -> str:
-    return orjson.dumps(items).decode()
-
-
-def write_threads(conn: Connection, threads: list[ThreadState]) -> None:
-    if not threads:
-        return
-    conn.exec_driver_sql(
-        f"UPDATE automation_run_threads SET {_SET_COUNTS}, appends_applied = %s, appends_expected = %s, "
-        f"elapsed_observed = %s, elapsed_computed = %s, results_elapsed = %s, "
-        f"fields = fields || %s::jsonb, artifacts = artifacts || %s::jsonb, "
-        f"complete_requested_at = %s, complete_requested_by = %s, is_completed = %s, "
-        f"status = coalesce(%s, status), completed_at = coalesce(%s, completed_at), "
-        f"completed_by = coalesce(%s, completed_by), completed_reason = coalesce(%s, completed_reason), "
-        f"activity_at = now() "
-        f"WHERE id = %s",
-        [
-            (*t.counts, t.appends_applied, t.appends_expected, t.elapsed_observed, t.elapsed_computed,
-             t.results_elapsed, _json(t.new_fields), _json(t.new_artifacts),
-             t.complete_requested_at, t.complete_requested_by, t.is_completed, t.status,
-             t.complete_requested_at if t.finalised else None, t.complete_requested_by if t.finalised else None,
-             "client" if t.finalised else None, t.id)
-            for t in threads
-        ],
-    )
-
-
-def write_run(conn: Connection, run: RunState) -> None:
-    conn.exec_driver_sql(
-        f"UPDATE automation_runs SET {_SET_COUNTS}, ops_applied = %s, "
-        f"ops_expected = %s, measure_elapsed = %s, complete_requested_at = %s, complete_requested_by = %s, "
-        f"fields = fields || %s::jsonb, links = links || %s::jsonb, artifacts = artifacts || %s::jsonb, "
-        f"updated_at = %s, updated_by = %s, is_completed = %s, status = coalesce(%s, status), "
-        f"elapsed = coalesce(%s, elapsed), completed_at = coalesce(%s, completed_at), "
-        f"completed_by = coalesce(%s, completed_by), completed_reason = coalesce(%s, completed_reason), "
-        f"activity_at = now() "
-        f"WHERE id = %s",
-        (*run.counts, run.ops_applied, run.ops_expected, run.measure_elapsed,
-         run.complete_requested_at, run.complete_requested_by,
-         _json(run.new_fields), _json(run.new_links), _json(run.new_artifacts),
-         run.updated_at, run.updated_by, run.is_completed, run.status, run.elapsed,
-         run.complete_requested_at if run.status else None, run.complete_requested_by if run.status else None,
-         run.completed_reason if run.status else None, run.id),
-    )
-
-
-def dead_letter(conn: Connection, dead: list[tuple[Op, str]]) -> None:
-    """Record operations that cannot be applied, and release their claims so a replay can apply them."""
-    conn.exec_driver_sql(
-        "DELETE FROM applied_ops WHERE id = ANY(%(ids)s::uuid[])", {"ids": [op["id"] for op, _ in dead]}
-    )
-    conn.exec_driver_sql(
-        "INSERT INTO dead_letters (op_id, kind, run_id, thread_id, payload, error) "
-        "VALUES (%s, %s, %s, %s, %s::jsonb, %s) "
-        # A replay that fails again: the letter is dead again, with its latest error.
-        "ON CONFLICT (op_id) DO UPDATE SET error = excluded.error, failures = dead_letters.failures + 1, "
-        "  replayed_at = NULL",
-        [(op["id"], op["kind"], op["run_id"], op.get("thread_id"), encode_op(op).decode(), error)
-         for op, error in dead],
-    )
 
 
 # --- completing without the client ---------------------------------------------------------------------------
@@ -691,8 +360,7 @@ def force_complete_run(conn: Connection, run_id: int, reason: str) -> bool:
     """Complete a run now with what has been applied: its counters are final as they stand, and operations
     still queued for it are dead-lettered when they arrive. False if there is no such open run."""
     # Threads first, then the run: the order every transaction takes its locks in.
-    conn.exec_driver_sql(
-        "SELECT id FROM automation_run_threads WHERE run_id = %(run)s ORDER BY id FOR NO KEY UPDATE", {"run": run_id})
+    lock_run_threads(conn, run_id)
     run = lock_runs(conn, [run_id]).get(run_id)
     if run is None or run.is_completed:
         return False
@@ -703,35 +371,3 @@ def force_complete_run(conn: Connection, run_id: int, reason: str) -> bool:
     finalise_run(conn, run, failed_status_ids(conn))
     write_run(conn, run)
     return True
-
-
-def idle_runs(conn: Connection, idle_seconds: int) -> list[int]:
-    return [row[0] for row in conn.exec_driver_sql(
-        "SELECT id FROM automation_runs WHERE NOT is_completed "
-        "AND activity_at < now() - make_interval(secs => %(idle)s) ORDER BY id LIMIT 1000",
-        {"idle": idle_seconds})]
-
-
-def idle_threads(conn: Connection, idle_seconds: int) -> list[int]:
-    """Open threads of open runs with nothing applied for `idle_seconds` (a CI job that died, say)."""
-    return [row[0] for row in conn.exec_driver_sql(
-        "SELECT t.id FROM automation_run_threads t JOIN automation_runs r ON r.id = t.run_id "
-        "WHERE NOT t.is_completed AND NOT r.is_completed "
-        "AND t.activity_at < now() - make_interval(secs => %(idle)s) ORDER BY t.id LIMIT 1000",
-        {"idle": idle_seconds})]
-
-
-def complete_threads(conn: Connection, thread_ids: list[int], reason: str) -> list[int]:
-    """Complete these threads as they stand; the ones that were still open."""
-    if not thread_ids:
-        return []
-    # Lock in id order, as batches do.
-    locked = [row[0] for row in conn.exec_driver_sql(
-        "SELECT id FROM automation_run_threads WHERE id = ANY(%(ids)s) AND NOT is_completed "
-        "ORDER BY id FOR NO KEY UPDATE", {"ids": thread_ids})]
-    if locked:
-        conn.exec_driver_sql(
-            f"UPDATE automation_run_threads SET is_completed = true, status = "
-            f"{_thread_status(failed_status_ids(conn))}, completed_at = now(), completed_reason = %(reason)s "
-            f"WHERE id = ANY(%(ids)s)", {"ids": locked, "reason": reason})
-    return locked

@@ -34,7 +34,7 @@ from schema.messages import CLOSED_TTL_SECONDS, run_key, thread_key
 from schema.partitions import Partition, detach_and_drop, ensure_ahead, finish_interrupted, partitions
 from schema.settings import Settings
 from schema.statuses import COUNT_COLUMNS
-from worker.apply import WINDOW_MARGIN
+from worker.store import WINDOW_MARGIN
 from worker.tasks import BACKOFF_CAP_SECONDS, MAX_RETRIES
 
 log = logging.getLogger(__name__)

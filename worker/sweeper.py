@@ -14,18 +14,57 @@ import logging
 import threading
 
 from redis import Redis
+from sqlalchemy import Connection
 
 from schema.messages import CLOSED_TTL_SECONDS, leased_key, pending_key, run_key, thread_key
 from schema.protocol import WorkerScripts, celery_message
 from schema.settings import get_settings
 from worker import lifecycle
-from worker.apply import complete_threads, force_complete_run, idle_runs, idle_threads
+from worker.apply import force_complete_run
 from worker.db import batches, engine, unit_of_work
+from worker.store import failed_status_ids, thread_status_sql
 from worker.tasks import SIBLINGS
 
 log = logging.getLogger(__name__)
 
 SWEEP_LOCK = "ingest:sweeper"
+
+
+# --- the queries ----------------------------------------------------------------------------------------------
+
+def idle_runs(conn: Connection, idle_seconds: int) -> list[int]:
+    return [row[0] for row in conn.exec_driver_sql(
+        "SELECT id FROM automation_runs WHERE NOT is_completed "
+        "AND activity_at < now() - make_interval(secs => %(idle)s) ORDER BY id LIMIT 1000",
+        {"idle": idle_seconds})]
+
+
+def idle_threads(conn: Connection, idle_seconds: int) -> list[int]:
+    """Open threads of open runs with nothing applied for `idle_seconds` (a CI job that died, say)."""
+    return [row[0] for row in conn.exec_driver_sql(
+        "SELECT t.id FROM automation_run_threads t JOIN automation_runs r ON r.id = t.run_id "
+        "WHERE NOT t.is_completed AND NOT r.is_completed "
+        "AND t.activity_at < now() - make_interval(secs => %(idle)s) ORDER BY t.id LIMIT 1000",
+        {"idle": idle_seconds})]
+
+
+def complete_threads(conn: Connection, thread_ids: list[int], reason: str) -> list[int]:
+    """Complete these threads as they stand; the ones that were still open."""
+    if not thread_ids:
+        return []
+    # Lock in id order, as batches do.
+    locked = [row[0] for row in conn.exec_driver_sql(
+        "SELECT id FROM automation_run_threads WHERE id = ANY(%(ids)s) AND NOT is_completed "
+        "ORDER BY id FOR NO KEY UPDATE", {"ids": thread_ids})]
+    if locked:
+        conn.exec_driver_sql(
+            f"UPDATE automation_run_threads SET is_completed = true, status = "
+            f"{thread_status_sql(failed_status_ids(conn))}, completed_at = now(), completed_reason = %(reason)s "
+            f"WHERE id = ANY(%(ids)s)", {"ids": locked, "reason": reason})
+    return locked
+
+
+# --- the sweep ------------------------------------------------------------------------------------------------
 
 def rescue(queue: str) -> list[str]:
     """Make sure stored batches are applied whatever became of their messages; the batches new messages were

@@ -18,8 +18,9 @@ from schema.settings import get_settings
 from schema.status import STATS_KEY
 from worker import metrics
 from worker.app import app
-from worker.apply import Outcome, apply_ops, dead_letter, decode_batch, waiting
+from worker.apply import Outcome, apply_ops, decode_batch, waiting
 from worker.db import batches, unit_of_work
+from worker.store import dead_letter
 
 log = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ from support import Service, start_api, start_worker, tree  # noqa: E402
 
 from ingest.admin import Admin  # noqa: E402
 from schema.db import drop_database, upgrade  # noqa: E402
+from schema.process import quiet_gc  # noqa: E402
 from schema.settings import Settings  # noqa: E402
 
 BENCH_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ingest_bench"
@@ -116,6 +117,8 @@ class Stats:
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     timeline: list[tuple[float, str, float]] = field(default_factory=list)
+    # Open loop: how late the generator sent each request, by endpoint.
+    late: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
     async def call(self, conn: Connection, name: str, method: str, path: str, body: bytes = b"",
                    ok: int = 204, scheduled: float | None = None) -> bytes:
@@ -269,6 +272,9 @@ def problems(errors: dict[str, int], expected: dict[int, dict[int, int]], counte
     return out
 
 
+WARM_CONNECTIONS = 200
+
+
 async def open_loop(host: str, port: int, token: str, args: argparse.Namespace, stats: Stats,
                     jobs: list[tuple[int, int]], bodies: list[list[bytes]], rng: random.Random) -> None:
     """Every request sent when it is due, whatever the answers to the others: CI jobs offering
@@ -281,6 +287,7 @@ async def open_loop(host: str, port: int, token: str, args: argparse.Namespace, 
 
     async def call(name: str, path: str, body: bytes, ok: int, due: float) -> bytes:
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        stats.late[name].append(time.perf_counter() - due)
         conn = idle.pop() if idle else Connection(host, port, token, args.new_connections)
         try:
             return await stats.call(conn, name, "POST", path, body, ok, scheduled=due)
@@ -297,6 +304,14 @@ async def open_loop(host: str, port: int, token: str, args: argparse.Namespace, 
                                for k, body in enumerate(bodies[job_no])))
         await call("thread complete", f"{path}/complete", b"{}", 204, start + (len(bodies[job_no]) + 1) * period)
 
+    if not args.new_connections:
+        # Connections open before the clock starts, as a fleet's would be by then: the first period should
+        # measure the server's creates, not a thousand connects at once in this one process.
+        loop = asyncio.get_running_loop()
+        for _ in range(WARM_CONNECTIONS):
+            conn = Connection(host, port, token)
+            await loop.create_connection(lambda conn=conn: conn, host, port)  # type: ignore[misc]
+            idle.append(conn)
     t0 = time.perf_counter() + 0.1
     print(f"open loop: {args.open_loop:,.0f} results/s offered, {appends_per_second:,.0f} appends/s, "
           f"each of {len(jobs)} jobs every {period:.2f} s", file=sys.stderr, flush=True)
@@ -513,6 +528,7 @@ def main() -> None:
     sampler.start()
     try:
         plan = prepare(args)
+        quiet_gc()  # the plan is a large heap: full collections of it would stall the generator for 100 ms
         cpu_before = cpu_by_component(api, workers[0] if workers else None)
         result = uvloop.run(fleet(api_url, token, project_id, args, plan, start_workers))
         sampler.stopped.set()
@@ -542,6 +558,11 @@ def main() -> None:
         ms = [v * 1000 for v in values]
         print(f"{name:<16}{len(ms):>8}{statistics.median(ms):>9.1f}{percentile(ms, 95):>9.1f}"
               f"{percentile(ms, 99):>9.1f}{max(ms):>9.1f}")
+    for name, values in stats.late.items():
+        # Part of the latencies above: a generator that falls behind its schedule adds to them.
+        late = [v * 1000 for v in values]
+        print(f"{'  sent late':<16}{len(late):>8}{statistics.median(late):>9.1f}{percentile(late, 95):>9.1f}"
+              f"{percentile(late, 99):>9.1f}{max(late):>9.1f}  ({name})")
     print(f"error responses: {dict(stats.errors) or 'none'}")
     if args.timeline:
         t0 = stats.timeline[0][0]

@@ -15,6 +15,7 @@ a million of these per minute.
 from typing import Any, Literal, NotRequired, TypedDict
 
 APPLY_TASK = "ops.apply"
+FOLD_TASK = "cases.fold"
 BATCH_KEY_PREFIX = "ingest:batch:"
 
 

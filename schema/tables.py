@@ -11,6 +11,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     SmallInteger,
     Table,
     Text,
@@ -197,6 +198,9 @@ automation_results = Table(
     Column("fields", JSONB),
     Column("artifacts", JSONB),
     Column("created_at", DateTime(timezone=True), primary_key=True, server_default=NOW),
+    # GET /automation/runs/{id}/tests (reads.md): a run's page in id order, and in id order within statuses.
+    Index(None, "run_id", "id"),
+    Index(None, "run_id", "status_id", "id"),
     postgresql_partition_by="RANGE (created_at)",
 )
 
@@ -228,4 +232,79 @@ dead_letters = Table(
     Column("failures", Integer, nullable=False, server_default=text("1")),
     _created_at(),
     Column("replayed_at", DateTime(timezone=True)),
+)
+
+
+# --- read back: automation cases and webhooks (reads.md) ------------------------------------------------------
+
+# One test of one source tracked across runs. A completed run's results are folded in once (worker/cases.py),
+# never by ingestion, so appends never contend on these rows.
+automation_cases = Table(
+    "automation_cases", metadata,
+    _id(),
+    Column("project_id", BigInteger, ForeignKey("projects.id"), nullable=False),
+    Column("source_id", BigInteger, ForeignKey("automation_sources.id"), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("folder", Text),
+    # The outcome in its latest folded run: 1 neutral, 2 success, 3 failure.
+    Column("status", SmallInteger, nullable=False),
+    Column("run_count", Integer, nullable=False),
+    Column("result_count", BigInteger, nullable=False),
+    Column("success_count", BigInteger, nullable=False),
+    Column("failure_count", BigInteger, nullable=False),
+    Column("elapsed_total", BigInteger, nullable=False),
+    Column("elapsed_results", BigInteger, nullable=False),
+    Column("elapsed_average", BigInteger),
+    # Its outcomes in the latest 30 folded runs, oldest first, as above and 4 where it both passed and failed
+    # in one run; flaky_percent is worked out from them at each fold, and kept to be sorted on.
+    Column("outcomes", ARRAY(SmallInteger), nullable=False),
+    Column("flaky_percent", Numeric(4, 1), nullable=False),
+    Column("last_run_id", BigInteger, nullable=False),
+    _created_at(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    UniqueConstraint("project_id", "source_id", "key"),
+    Index(None, "project_id", "created_at", "id"),
+    Index(None, "project_id", "flaky_percent", "id"),
+)
+
+# The outbox of completions: a row written in the transaction that completes a run, deleted by the one that
+# folds the run's results into its cases. What is still here after a while is folded by the sweeper.
+case_folds = Table(
+    "case_folds", metadata,
+    Column("run_id", BigInteger, ForeignKey("automation_runs.id", ondelete="CASCADE"), primary_key=True),
+    _created_at(),
+)
+
+webhooks = Table(
+    "webhooks", metadata,
+    _id(),
+    Column("project_id", BigInteger, ForeignKey("projects.id"), nullable=False, index=True),
+    Column("url", Text, nullable=False),
+    Column("secret", Text, nullable=False),
+    _created_at(),
+)
+
+# One POST owed to one webhook: written in the transaction that completes the run (an outbox), so that a worker
+# killed at any moment loses none; retried with backoff until delivered, or failed after a day of tries.
+webhook_deliveries = Table(
+    "webhook_deliveries", metadata,
+    Column("id", UUID(as_uuid=False), primary_key=True),
+    Column("webhook_id", BigInteger, ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False, index=True),
+    # No foreign key: a delivery outlives its run's removal by retention, as a record.
+    Column("run_id", BigInteger, nullable=False),
+    # "pending", "delivered" or "failed".
+    Column("state", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    # Taken by a delivery task until then; past it, another may take it (its worker died mid-POST).
+    Column("leased_until", DateTime(timezone=True)),
+    # The body of the first attempt, sent again unchanged by every retry.
+    Column("body", Text),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    _created_at(),
+    Column("delivered_at", DateTime(timezone=True)),
+    Index("ix_webhook_deliveries_due", "next_attempt_at", postgresql_where=text("state = 'pending'")),
 )

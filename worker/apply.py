@@ -27,6 +27,7 @@ from schema.escapes import storable_escapes
 from schema.messages import Op, ThreadAppendOp, ThreadCompleteOp
 from schema.requests import saturating_add
 from schema.statuses import RUN_STATUS_FAILED, RUN_STATUS_PASSED
+from worker.outbox import record_completion
 from worker.store import (
     N_STATUSES,
     RunState,
@@ -97,6 +98,7 @@ class Outcome:
     threads_completed: list[int] = field(default_factory=list)
     runs_completed: list[int] = field(default_factory=list)
     runs_created: list[tuple[int, int]] = field(default_factory=list)  # (run, project)
+    runs_with_deliveries: list[int] = field(default_factory=list)  # of runs_completed: webhook POSTs owed
 
 
 _OPS = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
@@ -170,7 +172,8 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
             run.changed = True
     for run in runs.values():
         if _run_ready(run):
-            finalise_run(conn, run, failed_ids)
+            if finalise_run(conn, run, failed_ids):
+                outcome.runs_with_deliveries.append(run.id)
             outcome.runs_completed.append(run.id)
         if run.changed:
             write_run(conn, run)
@@ -341,8 +344,9 @@ def _run_ready(run: RunState) -> bool:
     return not run.is_completed and run.ops_expected is not None and run.ops_applied >= run.ops_expected
 
 
-def finalise_run(conn: Connection, run: RunState, failed_ids: list[int]) -> None:
-    """Complete the run and its open threads; its counters are final from here on."""
+def finalise_run(conn: Connection, run: RunState, failed_ids: list[int]) -> int:
+    """Complete the run and its open threads; its counters are final from here on. What the completion owes
+    is recorded with it (worker/outbox.py): how many webhook deliveries."""
     complete_open_threads(conn, run, failed_ids)
     assert run.complete_requested_at is not None
     if run.measure_elapsed:
@@ -352,22 +356,24 @@ def finalise_run(conn: Connection, run: RunState, failed_ids: list[int]) -> None
     run.status = RUN_STATUS_FAILED if sum(run.counts[i - 1] for i in failed_ids) else RUN_STATUS_PASSED
     run.is_completed = True
     run.changed = True
+    return record_completion(conn, run.id, run.complete_requested_at)
 
 
 # --- completing without the client ---------------------------------------------------------------------------
 
-def force_complete_run(conn: Connection, run_id: int, reason: str) -> bool:
+def force_complete_run(conn: Connection, run_id: int, reason: str) -> int | None:
     """Complete a run now with what has been applied: its counters are final as they stand, and operations
-    still queued for it are dead-lettered when they arrive. False if there is no such open run."""
+    still queued for it are dead-lettered when they arrive. None if there is no such open run, else how many
+    webhook deliveries its completion owes."""
     # Threads first, then the run: the order every transaction takes its locks in.
     lock_run_threads(conn, run_id)
     run = lock_runs(conn, [run_id]).get(run_id)
     if run is None or run.is_completed:
-        return False
+        return None
     if run.complete_requested_at is None:
         run.complete_requested_at = datetime.now(UTC)
         run.measure_elapsed = False
     run.completed_reason = reason
-    finalise_run(conn, run, failed_status_ids(conn))
+    deliveries = finalise_run(conn, run, failed_status_ids(conn))
     write_run(conn, run)
-    return True
+    return deliveries

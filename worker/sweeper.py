@@ -21,13 +21,16 @@ from schema.protocol import WorkerScripts, celery_message
 from schema.settings import get_settings
 from worker import lifecycle
 from worker.apply import force_complete_run
+from worker.cases import fold_run, overdue_folds
 from worker.db import batches, engine, unit_of_work
 from worker.store import failed_status_ids, thread_status_sql
-from worker.tasks import SIBLINGS
+from worker.tasks import SIBLINGS, after_completion
 
 log = logging.getLogger(__name__)
 
 SWEEP_LOCK = "ingest:sweeper"
+# Longer than a fold task takes, queue included, on a busy installation.
+FOLD_OVERDUE_SECONDS = 60
 
 
 # --- the queries ----------------------------------------------------------------------------------------------
@@ -99,7 +102,25 @@ def close(store: Redis, keys: list[str]) -> None:
 def complete_run(run_id: int, reason: str = "forced") -> bool:
     close(batches(), [run_key(run_id)])
     with unit_of_work() as conn:
-        return force_complete_run(conn, run_id, reason)
+        deliveries = force_complete_run(conn, run_id, reason)
+    if deliveries is None:
+        return False
+    after_completion([run_id], [run_id] if deliveries else [])
+    return True
+
+
+def fold_overdue() -> list[int]:
+    """Fold the runs whose fold task has not done it in FOLD_OVERDUE_SECONDS; the runs folded."""
+    with unit_of_work() as conn:
+        runs = overdue_folds(conn, FOLD_OVERDUE_SECONDS)
+    folded = []
+    for run_id in runs:
+        with unit_of_work() as conn:
+            if fold_run(conn, run_id) is not None:
+                folded.append(run_id)
+    if folded:
+        log.warning("folded runs %s whose fold task was lost", folded)
+    return folded
 
 
 def sweep(idle_seconds: int) -> tuple[list[int], list[int]]:
@@ -129,6 +150,7 @@ def start() -> threading.Thread:
                 if batches().set(SWEEP_LOCK, "1", nx=True, ex=settings.sweep_interval_seconds):
                     rescue(settings.queue)
                     sweep(settings.complete_idle_after_seconds)
+                    fold_overdue()
             except Exception as exc:  # a sweep that fails is tried again at the next interval
                 log.warning("sweep failed: %s", type(exc).__name__)
 

@@ -12,13 +12,14 @@ import redis
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
-from schema.messages import APPLY_TASK, Op, leased_key, pending_key, run_key, unwritten_runs_key
+from schema.messages import APPLY_TASK, FOLD_TASK, Op, leased_key, pending_key, run_key, unwritten_runs_key
 from schema.protocol import WorkerScripts
 from schema.settings import get_settings
 from schema.status import STATS_KEY
 from worker import metrics
 from worker.app import app
 from worker.apply import Outcome, apply_ops, decode_batch, waiting
+from worker.cases import fold_run
 from worker.db import batches, unit_of_work
 from worker.store import dead_letter
 
@@ -71,6 +72,7 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         delete_batches(keys)
         record(outcome)
         forget_pending_views(outcome.runs_created)
+        after_completion(outcome.runs_completed, outcome.runs_with_deliveries)
         log.info("applied %d operations, %d results", outcome.applied, outcome.results, extra={
             "batches": [name for name, _ in keys], "request_ids": [op.get("request_id") for op in ops[:200]]})
     except Waiting as exc:
@@ -89,6 +91,25 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
         metrics.RETRIES.inc()
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
 
+
+
+@app.task(name=FOLD_TASK, bind=True)
+def fold(self: Task, run_id: int) -> None:  # type: ignore[type-arg]
+    """Fold a completed run into its cases (worker/cases.py). Exactly once whatever happens to this task: the
+    run's record of owing it goes in the fold's own transaction."""
+    try:
+        with unit_of_work() as conn:
+            fold_run(conn, run_id)
+    except Exception as exc:  # the record stays, so a later try (or the sweeper) folds it
+        log.warning("fold of run %s failed, will retry: %s", run_id, type(exc).__name__)
+        raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+
+
+def after_completion(runs: list[int], with_deliveries: list[int]) -> None:
+    """Once the completions of `runs` committed: send what they owe on its way (worker/outbox.py). A message
+    lost here is made up for by the sweeper."""
+    for run_id in runs:
+        fold.apply_async((run_id,))
 
 
 @functools.cache

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api_shim import observe, openapi, reads, writes
+from api_shim import observe, openapi, reads, results, writes
 from api_shim.errors import ApiError, error_response, unavailable
 from api_shim.hot import HotPath
 from api_shim.server import BODY_TIMED_OUT
@@ -46,6 +46,8 @@ routes = [
     Route(f"{API}/user", reads.get_user, methods=["GET"]),
     Route(f"{API}/projects/{{project_id:int}}/automation/runs", runs_collection, methods=["GET", "POST"]),
     Route(f"{API}/automation/runs/{{run_id:int}}", reads.get_run, methods=["GET"]),
+    Route(f"{API}/automation/runs/{{run_id:int}}/tests", results.list_tests, methods=["GET"]),
+    Route(f"{API}/projects/{{project_id:int}}/automation/cases", results.list_cases, methods=["GET"]),
     Route(f"{API}/automation/runs/{{run_id:int}}/append", writes.run_append, methods=["POST"]),
     Route(f"{API}/automation/runs/{{run_id:int}}/complete", writes.run_complete, methods=["POST"]),
     Route(f"{API}/automation/runs/{{run_id:int}}/threads", threads_collection, methods=["GET", "POST"]),

@@ -2,7 +2,7 @@
 
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 import msgspec
 import orjson
@@ -113,6 +113,10 @@ def no_content() -> Response:
     return Response(status_code=204)
 
 
+@overload
+def iso(moment: datetime) -> str: ...
+@overload
+def iso(moment: None) -> None: ...
 def iso(moment: datetime | None) -> str | None:
     """UTC ISO 8601 with microseconds and Z, as compat.md section 2 asks."""
     if moment is None:

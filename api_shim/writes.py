@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
+import msgspec
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -275,7 +276,8 @@ def _pending_view(op: dict[str, Any], statuses: Any) -> dict[str, Any]:
            "fields": op["fields"], "links": op["links"], **dict.fromkeys(COUNT_COLUMNS, 0), "thread_count": 0,
            "thread_completed_count": 0, "created_at": datetime.fromisoformat(op["at"]), "created_by": op["user_id"],
            "updated_at": None, "updated_by": None, "completed_at": None, "completed_by": None}
-    return run_json(row, statuses)
+    view: dict[str, Any] = msgspec.to_builtins(run_json(row, statuses))
+    return view
 
 
 def _given(body: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from schema import responses
-from schema.queries import Query, RunQuery, RunsQuery, ThreadsQuery
+from schema.queries import CasesQuery, Query, RunQuery, RunsQuery, TestsQuery, ThreadsQuery
 from schema.requests import BODIES
 
 API = "/api/v1"
@@ -52,6 +52,11 @@ READ_ENDPOINTS: list[Read] = [
     Read("/automation/runs/{run_id}/threads", "listThreads",
          "A run's threads, a page at a time (this server's addition)", responses.ThreadPage, ThreadsQuery,
          "A page of threads, oldest first."),
+    Read("/automation/runs/{run_id}/tests", "listRunTests", "A run's test results, as soon as they are applied",
+         responses.TestPage, TestsQuery, "A page of results."),
+    Read("/projects/{project_id}/automation/cases", "listAutomationCases",
+         "A project's automation cases, from its completed runs", responses.CasePage, CasesQuery,
+         "A page of cases."),
 ]
 
 

@@ -2,87 +2,59 @@
 
 A run's tests are listed as soon as a worker applied them; the page's `total` comes from the counters
 applied in the same transaction as the results, so it costs no count over a million rows. Cases reflect
-completed runs only (worker/cases.py folds them in).
+completed runs only (worker/cases.py folds them in). Query strings are parsed into `schema.queries`, answers
+built as `schema.responses`.
 """
 
-from typing import Any
+from typing import Any, cast
 
-import orjson
+import msgspec
 from sqlalchemy import RowMapping, text
 from sqlalchemy.ext.asyncio import AsyncConnection
-from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api_shim.errors import INVALID, ApiError, not_found
-from api_shim.http import iso, json_response, path_id, services
-from api_shim.reads import _ids, _positive, build_expands, page_of, parse_expands
+from api_shim.http import iso, path_id, services
+from api_shim.reads import build_expands, encoded, envelope, query
+from schema import queries, responses
 from schema.messages import run_key
 from schema.statuses import COUNT_COLUMNS
 
-TESTS_PER_PAGE = (100, 1000)  # any whole number in the range
-TEST_SORTS = {f"automation_run_tests:{name}": name for name in ("id", "name", "status", "elapsed", "created_at")}
-TEST_COLUMNS = {"id": "id", "name": "name", "status": "status_id", "elapsed": "elapsed", "created_at": "created_at"}
-TEST_EXPANDS = ("statuses", "users")
-
-CASES_PER_PAGE = (15, 25, 50, 100)
-CASE_SORTS = {"automation_sources:created_at": "created_at", "automation_cases:name": "name",
-              "automation_cases:elapsed_average": "elapsed_average", "automation_cases:failure_count": "failure_count",
-              "automation_cases:flaky_percent": "flaky_percent"}
-CASE_STATUSES = (1, 2, 3)  # neutral, success, failure
-CASE_EXPANDS = ("automation_sources", "statuses")
+TEST_COLUMNS = {"automation_run_tests:id": "id", "automation_run_tests:name": "name",
+                "automation_run_tests:status": "status_id", "automation_run_tests:elapsed": "elapsed",
+                "automation_run_tests:created_at": "created_at"}
+CASE_COLUMNS = {"automation_sources:created_at": "created_at", "automation_cases:name": "name",
+                "automation_cases:elapsed_average": "elapsed_average",
+                "automation_cases:failure_count": "failure_count", "automation_cases:flaky_percent": "flaky_percent"}
 
 # A result is stored no earlier than its run was created; the day of margin covers shims whose clocks
 # disagree. It keeps the lookups off the older daily partitions.
 _SINCE_RUN = "r.created_at >= cast(:since AS timestamptz) - interval '1 day'"
-_EMPTY = orjson.Fragment(b"[]")
+_EMPTY = msgspec.Raw(b"[]")
 
 
-def _order(params: QueryParams, default: str, errors: dict[str, list[str]]) -> str:
-    order = params.get("order", default).lower()
-    if order not in ("asc", "desc"):
-        errors["order"] = ["must be asc or desc"]
-    return order
+def _counts(alias: str) -> str:
+    return ", ".join(f"{alias}.{c}" for c in COUNT_COLUMNS)
 
 
-def _sort(params: QueryParams, sorts: dict[str, str], default: str, errors: dict[str, list[str]]) -> str:
-    sort = params.get("sort", default)
-    if sort not in sorts:
-        errors["sort"] = [f"must be one of {', '.join(sorts)}"]
-        return sorts[default]
-    return sorts[sort]
-
-
-def _expands(params: QueryParams, accepted: tuple[str, ...], errors: dict[str, list[str]]) -> list[str]:
-    try:
-        return parse_expands(params, accepted)
-    except ApiError as exc:
-        errors.update((name, list(problems)) for name, problems in (exc.errors or {}).items())
-        return []
+def _raw(value: str | None) -> Any:
+    # Stored as the client sent them: passed through without being decoded and encoded again.
+    return msgspec.Raw(value.encode()) if value is not None else _EMPTY
 
 
 # --- GET /automation/runs/{run_id}/tests ----------------------------------------------------------------------
 
-def test_json(r: RowMapping, project_id: int, run_id: int) -> dict[str, Any]:
-    return {
-        "id": r["id"], "project_id": project_id, "run_id": run_id, "thread_id": r["thread_id"],
-        "case_id": r["case_id"], "repository_case_id": None, "status_id": r["status_id"], "key": r["key"],
-        "name": r["name"], "folder": r["folder"], "elapsed": r["elapsed"], "file": r["file"], "line": r["line"],
-        "assertions": r["assertions"],
-        # Stored as the client sent them; passed through without being decoded and encoded again.
-        "fields": orjson.Fragment(r["fields"]) if r["fields"] is not None else _EMPTY,
-        "artifacts": orjson.Fragment(r["artifacts"]) if r["artifacts"] is not None else _EMPTY,
-        "created_at": iso(r["created_at"]),
-    }
+def test_json(r: RowMapping, project_id: int, run_id: int) -> responses.RunTest:
+    return responses.RunTest(
+        r["id"], project_id, run_id, r["thread_id"], r["case_id"], None, r["status_id"], r["key"], r["name"],
+        r["folder"], r["elapsed"], r["file"], r["line"], r["assertions"], _raw(r["fields"]),
+        _raw(r["artifacts"]), cast(str, iso(r["created_at"])))
 
 
 def _total(counts: RowMapping, status_ids: list[int] | None) -> int:
     return sum(counts[column] for i, column in enumerate(COUNT_COLUMNS, start=1)
                if status_ids is None or i in status_ids)
-
-
-def _count_columns(alias: str) -> str:
-    return ", ".join(f"{alias}.{c}" for c in COUNT_COLUMNS)
 
 
 async def list_tests(request: Request) -> Response:
@@ -92,68 +64,56 @@ async def list_tests(request: Request) -> Response:
     async with s.engine.connect() as conn:
         run = (await conn.execute(text(
             f"SELECT id, project_id, source_id, is_completed, created_at, created_by, updated_by, completed_by, "
-            f"{_count_columns('automation_runs')} FROM automation_runs WHERE id = :id"),
-            {"id": run_id})).mappings().first()
+            f"{_counts('automation_runs')} FROM automation_runs WHERE id = :id"), {"id": run_id})).mappings().first()
         if run is None:
             # Created, but no worker has written it yet: nothing of it is applied.
             pending = await s.redis.hget(run_key(run_id), "pending")
             if pending is None:
                 raise not_found("Run")
-            principal.authorize(orjson.loads(pending)["project_id"])
+            principal.authorize(msgspec.json.decode(pending)["project_id"])
         else:
             principal.authorize(run["project_id"])
 
-        params = request.query_params
+        q = query(queries.TestsQuery, request.query_params)
         errors: dict[str, list[str]] = {}
-        page = _positive(params, "page", 1, errors)
-        low, high = TESTS_PER_PAGE
-        per_page = _positive(params, "per_page", low, errors)
-        if "per_page" not in errors and not low <= per_page <= high:
-            errors["per_page"] = [f"must be a whole number from {low} to {high}"]
-        column = TEST_COLUMNS[_sort(params, TEST_SORTS, "automation_run_tests:id", errors)]
-        order = _order(params, "desc", errors)
-        thread_ids = _ids(params, "thread_id", errors)
-        if thread_ids is not None and len(thread_ids) != 1:
-            errors["thread_id"] = ["must be one thread id"]
-        status_ids = _ids(params, "status_id", errors)
         known = {status.id for status in s.statuses.statuses}
-        if status_ids is not None and not set(status_ids) <= known:
-            errors["status_id"] = [f"unknown status id {i}" for i in sorted(set(status_ids) - known)[:10]]
-        expands = _expands(params, TEST_EXPANDS, errors)
+        if q.status_id is not None and not set(q.status_id) <= known:
+            errors["status_id"] = [f"unknown status id {i}" for i in sorted(set(q.status_id) - known)[:10]]
         counts: RowMapping | None = run
-        if run is not None and thread_ids and "thread_id" not in errors:
+        if run is not None and q.thread_id is not None:
             counts = (await conn.execute(text(
-                f"SELECT {_count_columns('t')} FROM automation_run_threads t WHERE t.id = :thread "
-                "AND t.run_id = :run"), {"thread": thread_ids[0], "run": run_id})).mappings().first()
+                f"SELECT {_counts('t')} FROM automation_run_threads t WHERE t.id = :thread AND t.run_id = :run"),
+                {"thread": q.thread_id, "run": run_id})).mappings().first()
             if counts is None:
                 errors["thread_id"] = ["must be a thread of this run"]
         if errors:
             raise ApiError(422, INVALID, errors)
 
         statuses = s.statuses.statuses
-        if run is None or counts is None:
-            return json_response(page_of(page, per_page, 0, [], await build_expands(conn, expands, [], statuses)))
-        rows = await _tests_page(conn, run, thread_ids[0] if thread_ids else None, status_ids, column, order,
-                                 per_page, (page - 1) * per_page)
-        result = [test_json(r, run["project_id"], run_id) for r in rows]
-        return json_response(page_of(page, per_page, _total(counts, status_ids), result,
-                                     await build_expands(conn, expands, [run], statuses)))
+        rows = [] if run is None or counts is None else await _tests_page(conn, run, q)
+        total = 0 if counts is None else _total(counts, q.status_id)
+        return encoded(responses.TestPage(
+            **envelope(q.page, q.per_page, total),
+            result=[test_json(r, run["project_id"], run_id) for r in rows] if run is not None else [],
+            expands=await build_expands(conn, q.expands, [run] if run is not None else [], statuses,
+                                        expands=responses.ThreadExpands)))
 
 
-async def _tests_page(conn: AsyncConnection, run: RowMapping, thread_id: int | None, status_ids: list[int] | None,
-                      column: str, order: str, limit: int, offset: int) -> list[RowMapping]:
+async def _tests_page(conn: AsyncConnection, run: RowMapping, q: queries.TestsQuery) -> list[RowMapping]:
     where = ["r.run_id = :run", _SINCE_RUN]
-    binds: dict[str, Any] = {"run": run["id"], "since": run["created_at"], "limit": limit, "offset": offset,
-                             "project": run["project_id"], "source": run["source_id"]}
-    if thread_id is not None:
+    binds: dict[str, Any] = {"run": run["id"], "since": run["created_at"], "limit": q.per_page,
+                             "offset": (q.page - 1) * q.per_page, "project": run["project_id"],
+                             "source": run["source_id"]}
+    if q.thread_id is not None:
         where.append("r.thread_id = :thread")
-        binds["thread"] = thread_id
-    if status_ids is not None:
+        binds["thread"] = q.thread_id
+    if q.status_id is not None:
         where.append("r.status_id = ANY(:statuses)")
-        binds["statuses"] = status_ids
-    # The page first, its cases after: a join before the LIMIT could be planned over the whole run.
+        binds["statuses"] = q.status_id
+    column, order = TEST_COLUMNS[q.sort], q.order
     # elapsed is the one column that can be NULL: those results go last whichever the order.
     nulls = " NULLS LAST" if column == "elapsed" else ""
+    # The page first, its cases after: a join before the LIMIT could be planned over the whole run.
     case = ("(SELECT c.id FROM automation_cases c WHERE c.project_id = :project AND c.source_id = :source "
             "AND c.key = p.key)" if run["is_completed"] else "NULL::bigint")
     return list((await conn.execute(text(
@@ -167,19 +127,15 @@ async def _tests_page(conn: AsyncConnection, run: RowMapping, thread_id: int | N
 
 # --- GET /projects/{project_id}/automation/cases --------------------------------------------------------------
 
-def case_json(c: RowMapping) -> dict[str, Any]:
-    return {
-        "id": c["id"], "project_id": c["project_id"], "source_id": c["source_id"], "key": c["key"],
-        "name": c["name"], "folder": c["folder"], "status": c["status"], "run_count": c["run_count"],
-        "result_count": c["result_count"], "success_count": c["success_count"],
-        "failure_count": c["failure_count"], "elapsed_average": c["elapsed_average"],
-        "flaky_percent": float(c["flaky_percent"]), "last_run_id": c["last_run_id"],
-        "created_at": iso(c["created_at"]), "updated_at": iso(c["updated_at"]),
-    }
+def case_json(c: RowMapping) -> responses.Case:
+    return responses.Case(
+        c["id"], c["project_id"], c["source_id"], c["key"], c["name"], c["folder"], c["status"], c["run_count"],
+        c["result_count"], c["success_count"], c["failure_count"], c["elapsed_average"], float(c["flaky_percent"]),
+        c["last_run_id"], cast(str, iso(c["created_at"])), cast(str, iso(c["updated_at"])))
 
 
-CASE_COLUMNS = ("id, project_id, source_id, key, name, folder, status, run_count, result_count, success_count, "
-                "failure_count, elapsed_average, flaky_percent, last_run_id, created_at, updated_at")
+CASE_FIELDS = ("id, project_id, source_id, key, name, folder, status, run_count, result_count, success_count, "
+               "failure_count, elapsed_average, flaky_percent, last_run_id, created_at, updated_at")
 
 
 def _like(fragment: str) -> str:
@@ -196,43 +152,32 @@ async def list_cases(request: Request) -> Response:
             raise not_found("Project")
         principal.authorize(project_id)
 
-        params = request.query_params
-        errors: dict[str, list[str]] = {}
-        page = _positive(params, "page", 1, errors)
-        per_page = _positive(params, "per_page", 100, errors)
-        if "per_page" not in errors and per_page not in CASES_PER_PAGE:
-            errors["per_page"] = [f"must be one of {', '.join(map(str, CASES_PER_PAGE))}"]
-        column = _sort(params, CASE_SORTS, "automation_sources:created_at", errors)
-        order = _order(params, "asc", errors)
+        q = query(queries.CasesQuery, request.query_params)
         where = ["project_id = :project"]
         binds: dict[str, Any] = {"project": project_id}
-        source_ids = _ids(params, "source_id", errors)
-        if source_ids is not None:
+        if q.source_id is not None:
             where.append("source_id = ANY(:sources)")
-            binds["sources"] = source_ids
-        outcomes = _ids(params, "status", errors)
-        if outcomes is not None and not set(outcomes) <= set(CASE_STATUSES):
-            errors["status"] = ["must be a comma-separated list of 1 (neutral), 2 (success) and 3 (failure)"]
-        elif outcomes is not None:
+            binds["sources"] = q.source_id
+        if q.status is not None:
             where.append("status = ANY(:outcomes)")
-            binds["outcomes"] = outcomes
-        if params.get("name"):
+            binds["outcomes"] = q.status
+        if q.name is not None:
             where.append("name ILIKE :name")
-            binds["name"] = _like(params["name"])
-        if params.get("folder"):
+            binds["name"] = _like(q.name)
+        if q.folder is not None:
             where.append("folder = :folder")
-            binds["folder"] = params["folder"]
-        expands = _expands(params, CASE_EXPANDS, errors)
-        if errors:
-            raise ApiError(422, INVALID, errors)
-
+            binds["folder"] = q.folder
         condition = " AND ".join(where)
         total = (await conn.execute(text(f"SELECT count(*) FROM automation_cases WHERE {condition}"),
                                     binds)).scalar_one()
-        # NULLs (no elapsed reported) sort last whichever the order: they are not "fastest".
+        # NULLs (no elapsed reported) sort last whichever the order: they are not the fastest.
+        column, order = CASE_COLUMNS[q.sort], q.order
+        nulls = " NULLS LAST" if column == "elapsed_average" else ""
         rows = (await conn.execute(text(
-            f"SELECT {CASE_COLUMNS} FROM automation_cases WHERE {condition} "
-            f"ORDER BY {column} {order} NULLS LAST, id {order} LIMIT :limit OFFSET :offset"),
-            binds | {"limit": per_page, "offset": (page - 1) * per_page})).mappings().all()
-        return json_response(page_of(page, per_page, total, [case_json(c) for c in rows],
-                                     await build_expands(conn, expands, rows, s.statuses.statuses)))
+            f"SELECT {CASE_FIELDS} FROM automation_cases WHERE {condition} "
+            f"ORDER BY {column} {order}{nulls}, id {order} LIMIT :limit OFFSET :offset"),
+            binds | {"limit": q.per_page, "offset": (q.page - 1) * q.per_page})).mappings().all()
+        return encoded(responses.CasePage(
+            **envelope(q.page, q.per_page, total), result=[case_json(c) for c in rows],
+            expands=await build_expands(conn, q.expands, rows, s.statuses.statuses,
+                                        expands=responses.CaseExpands)))

@@ -18,7 +18,7 @@ from msgspec import UNSET, Meta, Struct
 from starlette.datastructures import QueryParams
 
 from schema.requests import Tag
-from schema.responses import PerPage, RunExpands, ThreadExpands, expand_names
+from schema.responses import CaseExpands, CaseStatus, PerPage, RunExpands, ThreadExpands, expand_names
 
 
 class Refused(ValueError):
@@ -138,9 +138,11 @@ def _expands(expands: type[Struct]) -> Any:
 if TYPE_CHECKING:
     RunExpandList = list[str]
     ThreadExpandList = list[str]
+    CaseExpandList = list[str]
 else:
     RunExpandList = _expands(RunExpands)
     ThreadExpandList = _expands(ThreadExpands)
+    CaseExpandList = _expands(CaseExpands)
 
 
 class Query(Struct, kw_only=True):
@@ -183,6 +185,47 @@ class ThreadsQuery(Paging):
     """GET /automation/runs/{run_id}/threads."""
 
     expands: ThreadExpandList = []
+
+
+TestSort = Literal["automation_run_tests:id", "automation_run_tests:name", "automation_run_tests:status",
+                   "automation_run_tests:elapsed", "automation_run_tests:created_at"]
+
+
+class TestsQuery(Paging):
+    """GET /automation/runs/{run_id}/tests (reads.md)."""
+
+    # A field redeclared in a subclass takes the subclass's type (msgspec); mypy sees only a narrower base.
+    per_page: Annotated[int, Meta(ge=100, le=1000),
+                        Text(positive(9, POSITIVE), "must be a whole number from 100 to 1000")] = 100  # type: ignore[assignment]
+    sort: Annotated[TestSort, STRING, Text(str, one_of(TestSort))] = "automation_run_tests:id"
+    order: Annotated[Order, STRING, Text(str.lower, "must be asc or desc")] = "desc"
+    thread_id: Annotated[QueryId | None, Meta(description="Only this thread's results (a thread of this run)."),
+                         Text(positive(18, "must be one thread id"))] = None
+    status_id: Annotated[list[QueryId] | None, Meta(description="Comma-separated status ids."),
+                         Text(ids, IDS)] = None
+    expands: ThreadExpandList = []
+
+
+
+CaseSort = Literal["automation_sources:created_at", "automation_cases:name", "automation_cases:elapsed_average",
+                   "automation_cases:failure_count", "automation_cases:flaky_percent"]
+
+
+def _text(text: str) -> str | Any:
+    return text or UNSET
+
+
+class CasesQuery(Paging):
+    """GET /projects/{project_id}/automation/cases (reads.md)."""
+
+    sort: Annotated[CaseSort, STRING, Text(str, one_of(CaseSort))] = "automation_sources:created_at"
+    order: Annotated[Order, STRING, Text(str.lower, "must be asc or desc")] = "asc"
+    source_id: IdList = None
+    status: Annotated[list[CaseStatus] | None, Meta(description="Comma-separated outcomes."),
+                      Text(ids, "must be a comma-separated list of 1 (neutral), 2 (success) and 3 (failure)")] = None
+    name: Annotated[str | None, Meta(description="Case-insensitive substring of the name."), Text(_text)] = None
+    folder: Annotated[str | None, Meta(description="The folder, exactly."), Text(_text)] = None
+    expands: CaseExpandList = []
 
 
 Q = TypeVar("Q", bound=Query)

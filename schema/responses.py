@@ -182,6 +182,72 @@ class ThreadPage(Page[Thread, ThreadExpands]):
     pass
 
 
+# --- a run's tests and the project's automation cases (reads.md) ------------------------------------------------
+
+class RunTest(Closed):
+    """One stored result, as GET /automation/runs/{run_id}/tests lists it."""
+
+    id: Id
+    project_id: Id
+    run_id: Id
+    thread_id: Id
+    case_id: Annotated[Id | None, Meta(description="Its automation case; null until the run is complete.")]
+    repository_case_id: Annotated[None, Meta(description="Always null: this server keeps no manual test cases.")]
+    status_id: Annotated[int, Meta(ge=1, le=len(COUNT_COLUMNS))]
+    key: str
+    name: str
+    folder: str | None
+    elapsed: Micros | None
+    file: str | None
+    line: int | None
+    assertions: int | None
+    # As the client sent them, passed through as stored (`api_shim.results`).
+    fields: list[CustomField]
+    artifacts: list[Artifact]
+    created_at: Timestamp
+
+
+class TestPage(Page[RunTest, ThreadExpands]):
+    # Any page size in Testmo's range for this endpoint, not only the runs list's four. (A field redeclared in a
+    # subclass takes the subclass's type in msgspec; mypy sees only a narrower base.)
+    per_page: Annotated[int, Meta(ge=100, le=1000)]  # type: ignore[assignment]
+
+
+
+CaseStatus = Annotated[Literal[1, 2, 3], Meta(description="Outcome in its latest completed run: 1 neutral, "
+                                              "2 success, 3 failure.", extra_json_schema={"type": "integer"})]
+
+
+class Case(Closed):
+    """An automation case: one test of one source, across its completed runs."""
+
+    id: Id
+    project_id: Id
+    source_id: Id
+    key: str
+    name: str
+    folder: str | None
+    status: CaseStatus
+    run_count: Count
+    result_count: Count
+    success_count: Count
+    failure_count: Count
+    elapsed_average: Micros | None
+    flaky_percent: Annotated[float, Meta(ge=0, le=100)]
+    last_run_id: Id
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class CaseExpands(Closed):
+    automation_sources: list[NamedObject] | UnsetType = UNSET
+    statuses: list[Status] | UnsetType = UNSET
+
+
+class CasePage(Page[Case, CaseExpands]):
+    pass
+
+
 class Created(Closed):
     """A create's 201 (built by `api_shim.writes`)."""
 

@@ -43,7 +43,7 @@ from schema.statuses import DEFAULT_STATUSES, alias_map
 
 # Per operation and mode; INGEST_FUZZ_MAX_EXAMPLES raises it for a longer, still reproducible, session.
 MAX_EXAMPLES = int(os.environ.get("INGEST_FUZZ_MAX_EXAMPLES", "25"))
-OPERATIONS = 10
+OPERATIONS = 12
 
 
 def error_body_is_json_with_a_message(ctx: CheckContext, response: Response, case: Case) -> bool | None:

@@ -168,7 +168,7 @@ class Admin:
                 "  next_attempt_at, delivered_at FROM webhook_deliveries "
                 "WHERE NOT :failed OR state = 'failed' ORDER BY created_at DESC, id LIMIT :limit"),
                 {"failed": failed_only, "limit": limit}).mappings()
-            return [dict(row) for row in rows]
+            return [dict(row) | {"id": str(row["id"])} for row in rows]
 
     def redeliver(self, delivery_id: str) -> int:
         """Put a failed or delivered delivery back to pending, with a fresh retry window (counted from its

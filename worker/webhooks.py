@@ -21,6 +21,7 @@ import hmac
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,13 +38,18 @@ from worker.app import app
 log = logging.getLogger(__name__)
 
 EVENT = "automation_run.completed"
-TIMEOUT_SECONDS = 10.0
-# Longer than a POST can take (TIMEOUT_SECONDS for each of connect, write and read) with its bookkeeping: past
-# it, the attempt's worker is taken for dead and another may try.
-LEASE_SECONDS = 60
+# The receiver has this long to answer once the request is sent; connecting and sending get less, so that a
+# whole attempt stays well inside its lease.
+ANSWER_SECONDS = 10.0
+SEND_SECONDS = 3.0
+# Longer than an attempt can take (SEND_SECONDS to connect, as many to send, ANSWER_SECONDS for the answer) with
+# its bookkeeping: past it, the attempt's worker is taken for dead and another attempt may start.
+LEASE_SECONDS = 20
 BACKOFF_CAP_SECONDS = 3600.0
-# A countdown may fire a little before the time the database recorded (clocks read by different processes).
-EARLY_SECONDS = 1.0
+# A retry's countdown is measured on the worker's clock, its due time on the database's. On one machine the
+# countdown, started after the failure committed, always ends after the due time; where the clocks disagree,
+# one that ends too early is refused, and the sweeper sends the delivery once it is due.
+COUNTDOWN_MARGIN_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -60,29 +66,30 @@ class Leased:
 # --- the queries ----------------------------------------------------------------------------------------------
 
 def pending_of_run(conn: Connection, run_id: int) -> list[str]:
-    return [row[0] for row in conn.exec_driver_sql(
+    return [str(row[0]) for row in conn.exec_driver_sql(
         "SELECT id FROM webhook_deliveries WHERE run_id = %(run)s AND state = 'pending' ORDER BY id",
         {"run": run_id})]
 
 
 def due(conn: Connection, limit: int = 1000) -> list[tuple[int, str]]:
     """Pending deliveries whose next attempt is due and that nobody holds: (run, delivery)."""
-    return [(row[0], row[1]) for row in conn.exec_driver_sql(
+    return [(row[0], str(row[1])) for row in conn.exec_driver_sql(
         "SELECT run_id, id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= now() "
         "AND (leased_until IS NULL OR leased_until < now()) ORDER BY next_attempt_at LIMIT %(limit)s",
         {"limit": limit})]
 
 
 def lease(conn: Connection, delivery_id: str) -> Leased | None:
-    """Take the delivery for one attempt, if it is pending, due and not held by another."""
+    """Take the delivery for one attempt, if it is pending, due and not held by another. Due: a message sent
+    twice (after the commit and by the sweeper, say) must not make a retry come before its backoff."""
     row = conn.exec_driver_sql(
         "UPDATE webhook_deliveries d SET leased_until = now() + make_interval(secs => %(lease)s) "
         "FROM webhooks w WHERE d.id = %(id)s AND w.id = d.webhook_id AND d.state = 'pending' "
-        "AND d.next_attempt_at <= now() + make_interval(secs => %(early)s) "
+        "AND d.next_attempt_at <= now() "
         "AND (d.leased_until IS NULL OR d.leased_until < now()) "
         "RETURNING d.id, d.run_id, w.url, w.secret, d.body, d.attempts, d.occurred_at",
-        {"id": delivery_id, "lease": LEASE_SECONDS, "early": EARLY_SECONDS}).first()
-    return None if row is None else Leased(*row)
+        {"id": delivery_id, "lease": LEASE_SECONDS}).first()
+    return None if row is None else Leased(str(row[0]), *row[1:])
 
 
 def store_body(conn: Connection, delivery_id: str, body: str) -> str:
@@ -162,13 +169,25 @@ def post(delivery: Leased, body: str) -> tuple[int | None, str | None]:
     raw = body.encode()
     headers = {"Content-Type": "application/json", "X-Ingest-Event": EVENT, "X-Ingest-Delivery": delivery.id,
                "X-Ingest-Signature-256": signature(delivery.secret, raw)}
+    timeout = httpx.Timeout(ANSWER_SECONDS, connect=SEND_SECONDS, write=SEND_SECONDS, pool=SEND_SECONDS)
     try:
-        response = httpx.post(delivery.url, content=raw, headers=headers, timeout=TIMEOUT_SECONDS)
+        with httpx.stream("POST", delivery.url, content=raw, headers=headers, timeout=timeout) as response:
+            if 200 <= response.status_code < 300:
+                return response.status_code, None  # its body is of no interest
+            return response.status_code, f"HTTP {response.status_code}: {_start_of(response)}"
     except httpx.HTTPError as exc:
         return None, f"{type(exc).__name__}: {exc}"
-    if 200 <= response.status_code < 300:
-        return response.status_code, None
-    return response.status_code, f"HTTP {response.status_code}: {response.text[:500]}"
+
+
+def _start_of(response: httpx.Response, limit: int = 500) -> str:
+    """The start of an error answer's body, for the operator, read for no longer than a second."""
+    deadline = time.monotonic() + 1.0
+    data = b""
+    for chunk in response.iter_bytes():
+        data += chunk
+        if len(data) >= limit or time.monotonic() > deadline:
+            break
+    return data[:limit].decode(errors="replace")
 
 
 def take(engine: Engine, delivery_id: str) -> tuple[Leased, str | None] | None:
@@ -211,7 +230,7 @@ def attempt(engine: Engine, delivery_id: str) -> str | None:
         log.warning("webhook delivery %s failed (attempt %d), again in %.1f s: %s", delivery_id,
                     delivery.attempts + 1, retry_in, error)
         if retry_in <= settings.sweep_interval_seconds:
-            send(delivery.run_id, delivery_id, countdown=retry_in)
+            send(delivery.run_id, delivery_id, countdown=retry_in + COUNTDOWN_MARGIN_SECONDS)
     return state
 
 

@@ -1,8 +1,10 @@
-"""Administrative operations on projects, users, tokens, configs and milestones."""
+"""Administrative operations on projects, users, tokens, configs, milestones and webhooks."""
 
 import secrets
+import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from redis import Redis
@@ -131,7 +133,78 @@ class Admin:
             progress(done, len(rows))
         return len(rows)
 
+    # --- webhooks (worker/webhooks.py delivers them) ------------------------------------------------------------
+
+    def create_webhook(self, project_id: int, url: str, secret: str | None = None) -> tuple[int, str]:
+        """A webhook of the project: (its id, its secret, generated when none is given)."""
+        check_webhook_url(url)
+        if secret is not None and not secret:
+            raise AdminError("the secret must not be empty")
+        secret = secret or secrets.token_hex(32)
+        with self.engine.begin() as conn:
+            self._require_project(conn, project_id)
+            webhook_id = conn.execute(text("INSERT INTO webhooks (project_id, url, secret) VALUES (:p, :u, :s) "
+                                           "RETURNING id"), {"p": project_id, "u": url, "s": secret}).scalar_one()
+        return int(webhook_id), secret
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        """Every webhook, without its secret."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, project_id, url, created_at FROM webhooks ORDER BY id")).mappings()
+            return [dict(row) for row in rows]
+
+    def delete_webhook(self, webhook_id: int) -> None:
+        """Remove a webhook, with the record of its deliveries (pending ones are not sent)."""
+        with self.engine.begin() as conn:
+            if conn.execute(text("DELETE FROM webhooks WHERE id = :id RETURNING id"), {"id": webhook_id}).first() \
+                    is None:
+                raise AdminError(f"no webhook with id {webhook_id}")
+
+    def deliveries(self, failed_only: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+        """The latest deliveries first (only those that failed for good, with `failed_only`)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT id, webhook_id, run_id, state, attempts, last_status, last_error, occurred_at, created_at, "
+                "  next_attempt_at, delivered_at FROM webhook_deliveries "
+                "WHERE NOT :failed OR state = 'failed' ORDER BY created_at DESC, id LIMIT :limit"),
+                {"failed": failed_only, "limit": limit}).mappings()
+            return [dict(row) | {"id": str(row["id"])} for row in rows]
+
+    def redeliver(self, delivery_id: str) -> int:
+        """Put a failed or delivered delivery back to pending, with a fresh retry window (counted from its
+        `created_at`, which restarts now) and its body unchanged; the run it is for. The caller sends it."""
+        try:
+            uuid.UUID(delivery_id)
+        except ValueError:
+            raise AdminError(f"{delivery_id!r} is not a delivery id (a UUID)") from None
+        with self.engine.begin() as conn:
+            row = conn.execute(text("SELECT state, run_id FROM webhook_deliveries WHERE id = :id FOR UPDATE"),
+                               {"id": delivery_id}).first()
+            if row is None:
+                raise AdminError(f"no delivery with id {delivery_id}")
+            if row[0] == "pending":
+                raise AdminError(f"delivery {delivery_id} is pending already: it is being tried")
+            conn.execute(text(
+                "UPDATE webhook_deliveries SET state = 'pending', attempts = 0, created_at = now(), "
+                "next_attempt_at = now(), leased_until = NULL, delivered_at = NULL WHERE id = :id"),
+                {"id": delivery_id})
+            return int(row[1])
+
     @staticmethod
     def _require_project(conn: Connection, project_id: int) -> None:
         if conn.execute(text("SELECT 1 FROM projects WHERE id = :p"), {"p": project_id}).first() is None:
             raise AdminError(f"no project with id {project_id}")
+
+
+def check_webhook_url(url: str) -> None:
+    """Only http and https URLs with a host: a receiver is reached by POST, nothing else."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 (an invalid port raises)
+    except ValueError as exc:
+        raise AdminError(f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise AdminError(f"invalid URL {url!r}: only http:// and https:// URLs are accepted")
+    if not host:
+        raise AdminError(f"invalid URL {url!r}: no host")

@@ -46,9 +46,11 @@ def _worker(args: argparse.Namespace) -> None:
     settings = get_settings()
     _check_dedupe_window()
     concurrency = args.concurrency or settings.worker_concurrency
-    metrics.serve(args.metrics_host, args.metrics_port, concurrency)
+    queues = {"ops": [settings.queue], "webhooks": [settings.webhook_queue],
+              "all": [settings.queue, settings.webhook_queue]}[args.queues]
+    metrics.serve(args.metrics_host, args.metrics_port, concurrency, ",".join(queues))
     app.worker_main([
-        "worker", "--queues", settings.queue, "--concurrency", str(concurrency),
+        "worker", "--queues", ",".join(queues), "--concurrency", str(concurrency),
         "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
     ])
 
@@ -123,6 +125,49 @@ def _retention_apply(args: argparse.Namespace) -> None:
     print("\n".join(report.lines()))
 
 
+def _webhook(args: argparse.Namespace) -> None:
+    from ingest.admin import Admin
+
+    admin = Admin(get_settings())
+    try:
+        if args.action == "create":
+            webhook_id, secret = admin.create_webhook(args.project, args.url, args.secret)
+            print(webhook_id)
+            if args.secret is None:
+                print(f"secret: {secret}")
+        elif args.action == "list":
+            print(f"{'id':>6} {'project':>8} {'created':<20} url")
+            for w in admin.webhooks():
+                print(f"{w['id']:>6} {w['project_id']:>8} {w['created_at']:%Y-%m-%d %H:%M:%S}  {w['url']}")
+        elif args.action == "delete":
+            admin.delete_webhook(args.webhook_id)
+            print(f"webhook {args.webhook_id} deleted")
+        elif args.action == "deliveries":
+            _print_deliveries(admin.deliveries(failed_only=args.failed))
+        elif args.action == "redeliver":
+            run_id = admin.redeliver(args.delivery_id)
+            from worker.webhooks import send
+
+            send(run_id, args.delivery_id)
+            print(f"delivery {args.delivery_id} queued again")
+    finally:
+        admin.close()
+
+
+def _print_deliveries(deliveries: list[dict[str, object]]) -> None:
+    def at(moment: object) -> str:
+        return f"{moment:%Y-%m-%d %H:%M:%S}" if moment is not None else "-"
+
+    print(f"{'delivery':<36} {'webhook':>7} {'run':>8} {'state':<9} {'tries':>5} {'status':>6} "
+          f"{'created':<19} {'next try':<19} {'delivered':<19} last error")
+    for d in deliveries:
+        print(f"{d['id']!s:<36} {d['webhook_id']!s:>7} {d['run_id']!s:>8} {d['state']!s:<9} {d['attempts']!s:>5} "
+              f"{d['last_status'] or '-'!s:>6} {at(d['created_at']):<19} "
+              f"{at(d['next_attempt_at']) if d['state'] == 'pending' else '-':<19} {at(d['delivered_at']):<19} "
+              f"{str(d['last_error'] or '')[:100]}")
+    print(f"{len(deliveries)} deliveries", file=sys.stderr)
+
+
 def _check_dedupe_window() -> None:
     """Refuse to start what claims or forgets operation ids with a dedupe window a redelivery could outlast."""
     from worker.lifecycle import LifecycleError, check_dedupe_window
@@ -195,9 +240,15 @@ def parser() -> argparse.ArgumentParser:
     # on a machine of its own, `make run` binds it to 127.0.0.1.
     worker.add_argument("--metrics-host", default="0.0.0.0", help="address of /metrics and /healthz")
     worker.add_argument("--metrics-port", type=int, default=9101, help="serves /metrics and /healthz")
+    # Both by default: a delivery task only hands its POSTs to threads of the process (worker/webhooks.py), so
+    # a receiver that hangs never holds up applying. `webhooks` runs delivery workers apart, with `ops` beside.
+    worker.add_argument("--queues", choices=("all", "ops", "webhooks"), default="all",
+                        help="serve the ops queue (INGEST_QUEUE), the webhook deliveries (INGEST_WEBHOOK_QUEUE), "
+                             "or both (default)")
     worker.set_defaults(func=_worker)
 
-    admin = sub.add_parser("admin", help="projects, tokens, configs, milestones").add_subparsers(required=True)
+    admin = sub.add_parser("admin", help="projects, tokens, configs, milestones, webhooks").add_subparsers(
+        required=True)
     project = admin.add_parser("project").add_subparsers(required=True)
     create = project.add_parser("create", help="create a project; prints its id")
     create.add_argument("name")
@@ -228,6 +279,24 @@ def parser() -> argparse.ArgumentParser:
     delete = run.add_parser("delete", help="remove a run, open or not, and everything of it")
     delete.add_argument("run_id", type=int)
     delete.set_defaults(func=_run_delete)
+    webhook = admin.add_parser("webhook", help="POSTs to receivers when a project's runs complete").add_subparsers(
+        required=True)
+    create = webhook.add_parser("create", help="a webhook of a project; prints its id (and its secret if generated)")
+    create.add_argument("--project", type=int, required=True)
+    create.add_argument("url", help="an http:// or https:// URL")
+    create.add_argument("--secret", help="the HMAC key of X-Ingest-Signature-256 (default: a new random one)")
+    create.set_defaults(func=_webhook, action="create")
+    webhook.add_parser("list", help="every webhook").set_defaults(func=_webhook, action="list")
+    delete = webhook.add_parser("delete", help="remove a webhook and the record of its deliveries")
+    delete.add_argument("webhook_id", type=int)
+    delete.set_defaults(func=_webhook, action="delete")
+    listing = webhook.add_parser("deliveries", help="the latest deliveries, newest first")
+    listing.add_argument("--failed", action="store_true", help="only those that failed for good")
+    listing.set_defaults(func=_webhook, action="deliveries")
+    redeliver = webhook.add_parser("redeliver", help="try a failed (or delivered) delivery again, with a fresh "
+                                   "retry window; the same body and delivery id")
+    redeliver.add_argument("delivery_id")
+    redeliver.set_defaults(func=_webhook, action="redeliver")
     store = admin.add_parser("retention", help="removing what is past its retention").add_subparsers(required=True)
     apply = store.add_parser("apply", help="a retention pass now (the workers make one daily); prints what went")
     apply.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")

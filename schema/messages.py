@@ -16,6 +16,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 APPLY_TASK = "ops.apply"
 FOLD_TASK = "cases.fold"
+DELIVER_TASK = "webhooks.deliver"
 BATCH_KEY_PREFIX = "ingest:batch:"
 
 

@@ -67,6 +67,15 @@ class Settings(BaseSettings):
     # applied twice. Workers refuse to start when it is not longer than the visibility timeout plus the longest
     # retry (worker/lifecycle.py).
     dedupe_days: Annotated[int, Field(ge=1)] = 7
+    # The Celery queue of webhook deliveries (worker/webhooks.py), apart from `queue`, so that operators can
+    # serve it with workers of its own (`ingest worker --queues webhooks`).
+    webhook_queue: str = "ingest-webhooks"
+    # POSTs one worker process has in flight at once (each waits up to 10 s for its receiver).
+    webhook_concurrency: Annotated[int, Field(ge=1)] = 8
+    # A failed delivery is tried again after base x 2^(attempts-1) seconds, at most an hour apart, until its
+    # first attempt is this many hours old; then it is marked failed (`ingest admin webhook redeliver`).
+    webhook_retry_base_seconds: Annotated[float, Field(gt=0)] = 10.0
+    webhook_retry_hours: Annotated[float, Field(gt=0)] = 24.0
     # Scheduling niceness added to worker processes: where the shim shares the machine, accepting requests
     # takes precedence over applying them (the queue absorbs the difference).
     worker_nice: int = 10

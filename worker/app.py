@@ -9,7 +9,7 @@ from celery import Celery
 from celery.signals import after_setup_logger, worker_process_init, worker_ready
 from kombu.serialization import register
 
-from schema.messages import APPLY_TASK
+from schema.messages import APPLY_TASK, DELIVER_TASK
 from schema.process import quiet_gc
 from schema.settings import get_settings
 from worker import db
@@ -20,9 +20,11 @@ settings = get_settings()
 # thousands. Our messages are plain JSON, so orjson decodes them several times faster.
 register("json", lambda obj: orjson.dumps(obj).decode(), orjson.loads, "application/json", "utf-8")
 
-app = Celery("ingest", broker=settings.redis_url, include=["worker.tasks"])
+app = Celery("ingest", broker=settings.redis_url, include=["worker.tasks", "worker.webhooks"])
 app.conf.update(
     task_default_queue=settings.queue,
+    # Deliveries have a queue of their own, so that operators may serve it apart (`ingest worker --queues`).
+    task_routes={DELIVER_TASK: {"queue": settings.webhook_queue}},
     task_serializer="json",
     accept_content=["json"],
     task_ignore_result=True,

@@ -40,7 +40,7 @@ class Liveness:
         return time.monotonic() - self.last_beat < HEARTBEAT_TTL_SECONDS
 
 
-def serve(host: str, port: int, concurrency: int) -> Liveness:
+def serve(host: str, port: int, concurrency: int, queues: str | None = None) -> Liveness:
     """Start the heartbeat and the metrics server in the calling (parent) process."""
     settings = get_settings()
     liveness = Liveness()
@@ -49,7 +49,7 @@ def serve(host: str, port: int, concurrency: int) -> Liveness:
     def beat() -> None:
         while True:
             try:
-                heartbeat(batches(), settings.queue, concurrency, started)
+                heartbeat(batches(), queues or settings.queue, concurrency, started)
                 liveness.last_beat = time.monotonic()
             except Exception as exc:
                 log.warning("heartbeat failed: %s", type(exc).__name__)

@@ -8,6 +8,9 @@ anything accepted before and still queued is dead-lettered when it arrives, neve
 A batch's message can be lost while its batch is safe in Redis (see `worker/tasks.py`): the sweeper returns
 batches whose lease ran out to the pending list, and when no message is left to take pending batches along,
 enqueues one that will.
+
+Webhook deliveries that are due and that no attempt holds are sent again (worker/webhooks.py): retries left to
+the sweeper, and deliveries whose task was lost or whose worker was killed mid-POST.
 """
 
 import logging
@@ -25,6 +28,7 @@ from worker.cases import fold_run, overdue_folds
 from worker.db import batches, engine, unit_of_work
 from worker.store import failed_status_ids, thread_status_sql
 from worker.tasks import SIBLINGS, after_completion
+from worker.webhooks import send_due
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +155,7 @@ def start() -> threading.Thread:
                     rescue(settings.queue)
                     sweep(settings.complete_idle_after_seconds)
                     fold_overdue()
+                    send_due()
             except Exception as exc:  # a sweep that fails is tried again at the next interval
                 log.warning("sweep failed: %s", type(exc).__name__)
 

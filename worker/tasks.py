@@ -22,6 +22,7 @@ from worker.apply import Outcome, apply_ops, decode_batch, waiting
 from worker.cases import fold_run
 from worker.db import batches, unit_of_work
 from worker.store import dead_letter
+from worker.webhooks import send as send_deliveries
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ def after_completion(runs: list[int], with_deliveries: list[int]) -> None:
     lost here is made up for by the sweeper."""
     for run_id in runs:
         fold.apply_async((run_id,))
+    for run_id in with_deliveries:
+        send_deliveries(run_id)
 
 
 @functools.cache

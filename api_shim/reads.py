@@ -171,9 +171,16 @@ async def get_run(request: Request) -> Response:
             f"SELECT {THREAD_COLUMNS} FROM automation_run_threads WHERE run_id = :id ORDER BY id LIMIT :n"),
             {"id": run_id, "n": EMBEDDED_THREADS})).mappings().all()
         statuses = s.statuses.statuses
-        tally = Tally(statuses)
-        result = _new_run_with_threads(*_run_values(run, tally), [thread_json(t, tally) for t in threads])
+        result = run_with_threads(run, threads, statuses)
         return encoded(responses.RunResponse(result, await build_expands(conn, expands, [run], statuses, threads)))
+
+
+def run_with_threads(run: Mapping[Any, Any], threads: Sequence[Mapping[Any, Any]],
+                     statuses: Sequence[Status]) -> responses.RunWithThreads:
+    """A run as its GET answers it (and its completion webhook carries it): the row of RUN_COLUMNS with its
+    first EMBEDDED_THREADS threads' rows of THREAD_COLUMNS."""
+    tally = Tally(statuses)
+    return _new_run_with_threads(*_run_values(run, tally), [thread_json(t, tally) for t in threads])
 
 
 async def _run_as_accepted(s: Services, conn: AsyncConnection, run_id: int) -> RowMapping | None:

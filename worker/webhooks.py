@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import msgspec
 import orjson
 from sqlalchemy import Connection, Engine, create_engine
 
@@ -128,8 +129,8 @@ def run_gone(conn: Connection, delivery_id: str) -> None:
 
 def run_object(conn: Connection, run_id: int) -> dict[str, Any] | None:
     """The run as GET /api/v1/automation/runs/{id} returns it in `result`, from the same columns and the same
-    JSON functions."""
-    from api_shim.reads import EMBEDDED_THREADS, RUN_COLUMNS, THREAD_COLUMNS, run_json, thread_json
+    Struct."""
+    from api_shim.reads import EMBEDDED_THREADS, RUN_COLUMNS, THREAD_COLUMNS, run_with_threads
     from schema.statuses import Status
 
     run = conn.exec_driver_sql(f"SELECT {RUN_COLUMNS} FROM automation_runs WHERE id = %(id)s",
@@ -143,7 +144,8 @@ def run_object(conn: Connection, run_id: int) -> dict[str, Any] | None:
     statuses = [Status(**{**row, "aliases": tuple(row["aliases"])}) for row in conn.exec_driver_sql(
         "SELECT id, name, system_name, color, is_final, is_untested, is_passed, is_failed, aliases "
         "FROM statuses ORDER BY id").mappings()]
-    return run_json(run, statuses) | {"threads": [thread_json(t, statuses) for t in threads]}
+    built: dict[str, Any] = msgspec.to_builtins(run_with_threads(run, threads, statuses))
+    return built
 
 
 # --- one attempt ----------------------------------------------------------------------------------------------

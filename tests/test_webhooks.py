@@ -18,10 +18,23 @@ from typing import Any
 import orjson
 import pytest
 from conftest import Project, new_project
-from sqlalchemy import Engine, text
-from support import ROOT, Service, make_tests, service_env, start_api, start_worker, unique, wait_for
+from sqlalchemy import Engine, create_engine, text
+from support import (
+    ROOT,
+    TEST_DATABASE_URL,
+    PrivateRedis,
+    Service,
+    make_tests,
+    service_env,
+    start_api,
+    start_worker,
+    unique,
+    wait_for,
+)
 
 from ingest.admin import Admin
+from schema.db import drop_database, upgrade
+from schema.settings import Settings
 
 # What a receiver answers to its n-th request (from 1): a status, after waiting on `hold` if one is given.
 Behaviour = Callable[[int], int]
@@ -101,12 +114,39 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A database and a Redis of this module's own: (database URL, Redis URL). The suite's other workers sweep
+    the suite's database for deliveries due, and would deliver these with their own retry settings."""
+    database_url = f"{TEST_DATABASE_URL}_hooks"
+    drop_database(database_url)
+    upgrade(database_url)
+    store = PrivateRedis(tmp_path_factory.mktemp("hooks-redis"))
+    yield database_url, store.url
+    store.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(private: tuple[str, str]) -> Iterator[Engine]:
+    engine = create_engine(private[0])
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def admin(private: tuple[str, str]) -> Iterator[Admin]:
+    admin = Admin(Settings(database_url=private[0], redis_url=private[1]))
+    yield admin
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def stack(private: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A shim and one worker (concurrency 2, both queues, as `ingest worker` runs by default), with a sweep every
     second and retries after 0.1, 0.2, 0.4 s ... given up after 3.6 s, so that the tests need not wait."""
     logs = tmp_path_factory.mktemp("webhooks")
-    env = service_env(queue=unique("hooks"), webhook_queue=unique("hooks-deliveries"), visibility_timeout=5,
-                      sweep_interval_seconds=1, webhook_retry_base_seconds=0.1, webhook_retry_hours=0.001)
+    env = service_env(database_url=private[0], redis_url=private[1], queue=unique("hooks"),
+                      webhook_queue=unique("hooks-deliveries"), visibility_timeout=5, sweep_interval_seconds=1,
+                      webhook_retry_base_seconds=0.1, webhook_retry_hours=0.001)
     api, url = start_api(env, logs / "api.log")
     s = Stack(env, url, api, start_worker(env, logs / "worker.log"), logs)
     yield s

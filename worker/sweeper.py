@@ -32,7 +32,9 @@ from worker.webhooks import send_due
 
 log = logging.getLogger(__name__)
 
-SWEEP_LOCK = "ingest:sweeper"
+# One sweeper at a time per installation: the lock is named after its queue, so that installations sharing a
+# Redis (each on its own queue) never stop each other's sweeps.
+SWEEP_LOCK = "ingest:sweeper:{queue}"
 # Longer than a fold task takes, queue included, on a busy installation.
 FOLD_OVERDUE_SECONDS = 60
 
@@ -151,7 +153,8 @@ def start() -> threading.Thread:
         stop = threading.Event()
         while not stop.wait(settings.sweep_interval_seconds):
             try:
-                if batches().set(SWEEP_LOCK, "1", nx=True, ex=settings.sweep_interval_seconds):
+                if batches().set(SWEEP_LOCK.format(queue=settings.queue), "1", nx=True,
+                                  ex=settings.sweep_interval_seconds):
                     rescue(settings.queue)
                     sweep(settings.complete_idle_after_seconds)
                     fold_overdue()

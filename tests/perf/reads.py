@@ -11,16 +11,24 @@ workers, and then:
    to the same server, and meanwhile times pages of 1,000 of that run's tests in every sort, filtered by the
    failed statuses, and the cases list sorted by flaky_percent: p50/p95/max of each, on warm caches;
 3. submits `--fold-runs` runs (20) of the same `--fold-tests`-test suite (5,000) through the API, completes them
-   all at once, and prints the seconds from the last complete's answer until every one is folded.
+   all at once, and prints the seconds from the last complete's answer until every one is folded;
+4. with a webhook on a receiver in this process, completes `--webhook-runs` small runs (100) one after another
+   and prints the lag from each complete's answer to its POST's arrival (p50/p99/max): an upper bound of the
+   lag from the counters becoming final, which happens in between. Each POST's `run` is checked against
+   the run's GET.
 
-Not collected by pytest. It exits 1 if a read answers anything but 200 or a fold is missing.
+Not collected by pytest. It exits 1 if a read answers anything but 200, a fold is missing, or a webhook's run
+differs from its GET.
 """
 
 import argparse
+import http.server
+import json
 import multiprocessing
 import os
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,6 +115,51 @@ def submit_suite(client: httpx.Client, project_id: int, tests: int, threads: int
     return int(run_id)
 
 
+class Receiver(http.server.ThreadingHTTPServer):
+    """Records each POST's arrival time and body, by run id."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[int, tuple[float, dict[str, Any]]] = {}
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                receiver.arrived[body["run"]["id"]] = (time.perf_counter(), body)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def webhook_lag(client: httpx.Client, admin: Admin, project_id: int, runs: int) -> tuple[list[float], int]:
+    """(seconds from each complete's answer to its POST, runs whose POSTed run differs from their GET)."""
+    receiver = Receiver()
+    admin.create_webhook(project_id, f"http://127.0.0.1:{receiver.server_address[1]}/hook")
+    answered: dict[int, float] = {}
+    for n in range(runs):
+        run_id = client.post(f"/projects/{project_id}/automation/runs", json={"name": f"hook {n}",
+                                                                           "source": "hooks"}).json()["id"]
+        thread_id = client.post(f"/automation/runs/{run_id}/threads", json={}).json()["id"]
+        client.post(f"/automation/runs/threads/{thread_id}/append",
+                    json={"tests": [{"key": f"h{i}", "name": f"hook {i}", "status": "passed"} for i in range(10)]})
+        client.post(f"/automation/runs/{run_id}/complete", json={})
+        answered[run_id] = time.perf_counter()
+        time.sleep(0.05)
+    deadline = time.perf_counter() + 60
+    while len(receiver.arrived) < runs and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    receiver.shutdown()
+    lags = [receiver.arrived[r][0] - at for r, at in answered.items() if r in receiver.arrived]
+    differ = sum(1 for r in answered if r not in receiver.arrived
+                 or receiver.arrived[r][1]["run"] != client.get(f"/automation/runs/{r}").json()["result"])
+    return lags, differ
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=int, default=1_000_000)
@@ -115,6 +168,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=40, help="timed reads per query")
     parser.add_argument("--fold-runs", type=int, default=20)
     parser.add_argument("--fold-tests", type=int, default=5000)
+    parser.add_argument("--webhook-runs", type=int, default=100)
     parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "reads")
     args = parser.parse_args()
 
@@ -134,8 +188,8 @@ def main() -> None:
     print(f"loading {args.cases:,} cases ...", file=sys.stderr, flush=True)
     load_cases(DATABASE_URL, cases_project, args.cases)
     fleet_project = admin.create_project("fleet")
-    token = admin.create_token("reader", [history[0], cases_project, fleet_project])
-    admin.close()
+    hooks_project = admin.create_project("hooks")
+    token = admin.create_token("reader", [history[0], cases_project, fleet_project, hooks_project])
 
     args.logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ) | {"INGEST_DATABASE_URL": DATABASE_URL, "INGEST_REDIS_URL": REDIS_URL,
@@ -204,7 +258,17 @@ def main() -> None:
             if counted is None or counted[1] != args.fold_runs or counted[2] != args.fold_runs:
                 failed = True
                 print("FAILED: not every case counts every run exactly once", file=sys.stderr)
+
+            lags, differ = webhook_lag(client, admin, hooks_project, args.webhook_runs)
+            ms = [lag * 1000 for lag in lags]
+            print(f"webhooks: {len(ms)} of {args.webhook_runs} runs' POSTs arrived; from the complete's answer: "
+                  f"p50 {statistics.median(ms):.0f} ms, p99 {percentile(ms, 99):.0f} ms, max {max(ms):.0f} ms "
+                  f"(target p99 1000 ms from the counters final); runs differing from their GET: {differ}")
+            if differ or len(ms) < args.webhook_runs:
+                failed = True
+                print("FAILED: a webhook was missing or its run differed from the run's GET", file=sys.stderr)
     finally:
+        admin.close()
         stop.set()
         if fleet.is_alive():
             fleet.terminate()

@@ -3,9 +3,10 @@
 A case is one test of one source across runs, keyed by (project, source, key). A run is folded when its
 counters are final: its completion records that it owes a fold (worker/outbox.py), and the transaction that
 folds it deletes that record, so a redelivered fold, or one whose worker was killed midway (its transaction
-rolled back), changes nothing twice. Folding takes no lock ingestion waits on: it reads results, and locks
-only case rows, which no append touches. Two folds of one source meet on the same case rows; each upserts in
-key order, so they queue rather than deadlock.
+rolled back), changes nothing twice. A fold task takes every owed fold no other transaction holds (up to
+FOLD_BATCH), so that runs completing together are folded in one pass. Folding takes no lock ingestion waits
+on: it reads results, and locks only case rows, which no append touches. Two folds of one source meet on the
+same case rows; each upserts in key order (sources in order too), so they queue rather than deadlock.
 
 A case's outcome in a run: failure if any of its results there failed, else success if any passed, else
 neutral. `outcomes` keeps the latest RECENT_RUNS of them, oldest first, 4 standing for a run where it both
@@ -17,13 +18,15 @@ counted as considered and never compared. The percentage is kept on the row, to 
 from sqlalchemy import Connection
 
 RECENT_RUNS = 30
+# Owed folds one transaction takes at most.
+FOLD_BATCH = 50
 NEUTRAL, SUCCESS, FAILURE, BOTH = 1, 2, 3, 4
 
 _FOLD = f"""
-WITH run AS (
-    SELECT id, project_id, source_id, created_at FROM automation_runs WHERE id = %(run)s
-), tests AS (
-    SELECT r.key,
+WITH runs AS (
+    SELECT id, created_at FROM automation_runs WHERE id = ANY(%(runs)s)
+), per_run AS (
+    SELECT r.run_id, r.key,
            (array_agg(r.name ORDER BY r.id DESC))[1] AS name,
            (array_agg(r.folder ORDER BY r.id DESC))[1] AS folder,
            count(*) AS results,
@@ -31,30 +34,43 @@ WITH run AS (
            count(*) FILTER (WHERE r.status_id = ANY(%(failed)s)) AS failures,
            coalesce(sum(r.elapsed), 0) AS elapsed_total,
            count(r.elapsed) AS elapsed_results
-    FROM automation_results r, run
+    FROM automation_results r
     -- Results are stored no earlier than their run was created: older partitions are not looked at. (A day of
     -- margin for clocks of several shims that disagree.)
-    WHERE r.run_id = run.id AND r.created_at >= run.created_at - interval '1 day'
-    GROUP BY r.key
-), outcomes AS (
-    SELECT *, CASE WHEN failures > 0 AND successes > 0 THEN {BOTH} WHEN failures > 0 THEN {FAILURE}
-                   WHEN successes > 0 THEN {SUCCESS} ELSE {NEUTRAL} END::smallint AS outcome
-    FROM tests
+    WHERE r.run_id = ANY(%(runs)s) AND r.created_at >= %(since)s::timestamptz - interval '1 day'
+    GROUP BY r.run_id, r.key
+), per_key AS (
+    SELECT o.key,
+           (array_agg(o.name ORDER BY o.run_id DESC))[1] AS name,
+           (array_agg(o.folder ORDER BY o.run_id DESC))[1] AS folder,
+           count(*) AS runs, sum(o.results) AS results, sum(o.successes) AS successes,
+           sum(o.failures) AS failures, sum(o.elapsed_total) AS elapsed_total,
+           sum(o.elapsed_results) AS elapsed_results,
+           -- Runs folded together are taken in the order they were created.
+           array_agg(o.outcome ORDER BY o.run_id) AS outcomes,
+           max(o.run_id) AS last_run_id, min(runs.created_at) AS first_seen
+    FROM (SELECT *, CASE WHEN failures > 0 AND successes > 0 THEN {BOTH} WHEN failures > 0 THEN {FAILURE}
+                         WHEN successes > 0 THEN {SUCCESS} ELSE {NEUTRAL} END::smallint AS outcome
+          FROM per_run) o JOIN runs ON runs.id = o.run_id
+    GROUP BY o.key
 )
 INSERT INTO automation_cases AS c (
     project_id, source_id, key, name, folder, status, run_count, result_count, success_count, failure_count,
     elapsed_total, elapsed_results, elapsed_average, outcomes, flaky_percent, last_run_id, created_at, updated_at)
-SELECT run.project_id, run.source_id, o.key, o.name, o.folder, least(o.outcome, {FAILURE}), 1, o.results,
-       o.successes, o.failures, o.elapsed_total, o.elapsed_results,
-       CASE WHEN o.elapsed_results > 0 THEN round(o.elapsed_total::numeric / o.elapsed_results) END,
-       ARRAY[o.outcome], ingest_flaky_percent(ARRAY[o.outcome]), run.id, run.created_at, now()
-FROM outcomes o, run
-ORDER BY o.key
+SELECT %(project)s, %(source)s, k.key, k.name, k.folder, least(k.outcomes[cardinality(k.outcomes)], {FAILURE}),
+       k.runs, k.results, k.successes, k.failures, k.elapsed_total, k.elapsed_results,
+       CASE WHEN k.elapsed_results > 0 THEN round(k.elapsed_total::numeric / k.elapsed_results) END,
+       k.outcomes[greatest(1, cardinality(k.outcomes) + 1 - {RECENT_RUNS}):],
+       ingest_flaky_percent(k.outcomes[greatest(1, cardinality(k.outcomes) + 1 - {RECENT_RUNS}):]),
+       k.last_run_id, k.first_seen, now()
+FROM per_key k
+-- Key order: two folds of one source lock the same case rows in the same order, so one waits, never deadlocks.
+ORDER BY k.key
 ON CONFLICT (project_id, source_id, key) DO UPDATE SET
     name = excluded.name,
     folder = excluded.folder,
     status = excluded.status,
-    run_count = c.run_count + 1,
+    run_count = c.run_count + excluded.run_count,
     result_count = c.result_count + excluded.result_count,
     success_count = c.success_count + excluded.success_count,
     failure_count = c.failure_count + excluded.failure_count,
@@ -63,27 +79,39 @@ ON CONFLICT (project_id, source_id, key) DO UPDATE SET
     elapsed_average = CASE WHEN c.elapsed_results + excluded.elapsed_results > 0
         THEN round((c.elapsed_total + excluded.elapsed_total)::numeric
                    / (c.elapsed_results + excluded.elapsed_results)) END,
-    outcomes = (c.outcomes || excluded.outcomes)[greatest(1, cardinality(c.outcomes) + 2 - {RECENT_RUNS}):],
-    flaky_percent = ingest_flaky_percent(
-        (c.outcomes || excluded.outcomes)[greatest(1, cardinality(c.outcomes) + 2 - {RECENT_RUNS}):]),
+    outcomes = (c.outcomes || excluded.outcomes)[
+        greatest(1, cardinality(c.outcomes) + cardinality(excluded.outcomes) + 1 - {RECENT_RUNS}):],
+    flaky_percent = ingest_flaky_percent((c.outcomes || excluded.outcomes)[
+        greatest(1, cardinality(c.outcomes) + cardinality(excluded.outcomes) + 1 - {RECENT_RUNS}):]),
     last_run_id = excluded.last_run_id,
     updated_at = now()
 """
 
 
-def fold_run(conn: Connection, run_id: int) -> int | None:
-    """Fold the run's results into its cases, if it is owed and not folded yet; the cases touched, or None."""
-    owed = conn.exec_driver_sql("DELETE FROM case_folds WHERE run_id = %(run)s RETURNING run_id", {"run": run_id})
-    if owed.first() is None:
-        return None
+def fold_owed(conn: Connection, limit: int = FOLD_BATCH) -> list[int]:
+    """Take up to `limit` of the folds owed that no other transaction holds, and fold those runs into their
+    cases; the runs folded. Runs of one source that complete together (a fleet's nightly runs) are folded
+    together, in one pass over their cases, rather than one after another."""
+    runs = sorted(row[0] for row in conn.exec_driver_sql(
+        "DELETE FROM case_folds WHERE run_id IN (SELECT run_id FROM case_folds ORDER BY run_id LIMIT %(n)s "
+        "FOR UPDATE SKIP LOCKED) RETURNING run_id", {"n": limit}))
+    if not runs:
+        return []
     passed, failed = ([row[0] for row in conn.exec_driver_sql(f"SELECT id FROM statuses WHERE {flag} ORDER BY id")]
                       for flag in ("is_passed", "is_failed"))
-    return conn.exec_driver_sql(_FOLD, {"run": run_id, "passed": passed, "failed": failed}).rowcount
+    # Sources in order, for the same reason as keys in order.
+    for project, source, ids, since in conn.exec_driver_sql(
+            "SELECT project_id, source_id, array_agg(id ORDER BY id), min(created_at) FROM automation_runs "
+            "WHERE id = ANY(%(runs)s) GROUP BY project_id, source_id ORDER BY project_id, source_id",
+            {"runs": runs}):
+        conn.exec_driver_sql(_FOLD, {"runs": ids, "since": since, "project": project, "source": source,
+                                     "passed": passed, "failed": failed})
+    return runs
 
 
-def overdue_folds(conn: Connection, older_than_seconds: float) -> list[int]:
-    """Runs owed a fold for longer than a fold task takes: their task was lost (a worker killed between the
-    completion's commit and sending it, say)."""
-    return [row[0] for row in conn.exec_driver_sql(
-        "SELECT run_id FROM case_folds WHERE created_at < now() - make_interval(secs => %(s)s) "
-        "ORDER BY run_id LIMIT 1000", {"s": older_than_seconds})]
+def overdue(conn: Connection, older_than_seconds: float) -> bool:
+    """Whether a fold has been owed for longer than a fold task takes: its task was lost (a worker killed
+    between the completion's commit and sending it, say)."""
+    return conn.exec_driver_sql(
+        "SELECT EXISTS (SELECT 1 FROM case_folds WHERE created_at < now() - make_interval(secs => %(s)s))",
+        {"s": older_than_seconds}).scalar() is True

@@ -24,7 +24,7 @@ from schema.protocol import WorkerScripts, celery_message
 from schema.settings import get_settings
 from worker import lifecycle
 from worker.apply import force_complete_run
-from worker.cases import fold_run, overdue_folds
+from worker.cases import fold_owed, overdue
 from worker.db import batches, engine, unit_of_work
 from worker.store import failed_status_ids, thread_status_sql
 from worker.tasks import SIBLINGS, after_completion
@@ -116,16 +116,18 @@ def complete_run(run_id: int, reason: str = "forced") -> bool:
 
 
 def fold_overdue() -> list[int]:
-    """Fold the runs whose fold task has not done it in FOLD_OVERDUE_SECONDS; the runs folded."""
+    """Once a fold has waited FOLD_OVERDUE_SECONDS (its task lost), fold all that are owed; the runs folded."""
     with unit_of_work() as conn:
-        runs = overdue_folds(conn, FOLD_OVERDUE_SECONDS)
-    folded = []
-    for run_id in runs:
+        if not overdue(conn, FOLD_OVERDUE_SECONDS):
+            return []
+    folded: list[int] = []
+    while True:
         with unit_of_work() as conn:
-            if fold_run(conn, run_id) is not None:
-                folded.append(run_id)
-    if folded:
-        log.warning("folded runs %s whose fold task was lost", folded)
+            runs = fold_owed(conn)
+        if not runs:
+            break
+        folded.extend(runs)
+    log.warning("folded runs %s whose fold task was lost", folded)
     return folded
 
 

@@ -19,7 +19,7 @@ from schema.status import STATS_KEY
 from worker import metrics
 from worker.app import app
 from worker.apply import Outcome, apply_ops, decode_batch, waiting
-from worker.cases import fold_run
+from worker.cases import fold_owed
 from worker.db import batches, unit_of_work
 from worker.store import dead_letter
 from worker.webhooks import send as send_deliveries
@@ -96,11 +96,12 @@ def apply(self: Task, key: str) -> None:  # type: ignore[type-arg]
 
 @app.task(name=FOLD_TASK, bind=True)
 def fold(self: Task, run_id: int) -> None:  # type: ignore[type-arg]
-    """Fold a completed run into its cases (worker/cases.py). Exactly once whatever happens to this task: the
-    run's record of owing it goes in the fold's own transaction."""
+    """Fold completed runs into their cases (worker/cases.py): `run_id`'s, and whichever others are owed then
+    (another task may have taken `run_id`'s already). Exactly once whatever happens to this task: a run's
+    record of owing its fold goes in the fold's own transaction."""
     try:
         with unit_of_work() as conn:
-            fold_run(conn, run_id)
+            fold_owed(conn)
     except Exception as exc:  # the record stays, so a later try (or the sweeper) folds it
         log.warning("fold of run %s failed, will retry: %s", run_id, type(exc).__name__)
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc

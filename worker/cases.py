@@ -17,9 +17,13 @@ counted as considered and never compared. The percentage is kept on the row, to 
 
 from sqlalchemy import Connection
 
+from schema.statuses import COUNT_COLUMNS
+
 RECENT_RUNS = 30
-# Owed folds one transaction takes at most.
+# Owed folds one transaction takes at most, and results: runs completing together are folded in one pass, but
+# a pass stays short enough (a few seconds) not to hold a worker child from applying for long.
 FOLD_BATCH = 50
+FOLD_RESULTS = 200_000
 NEUTRAL, SUCCESS, FAILURE, BOTH = 1, 2, 3, 4
 
 _FOLD = f"""
@@ -88,15 +92,22 @@ ON CONFLICT (project_id, source_id, key) DO UPDATE SET
 """
 
 
-def fold_owed(conn: Connection, limit: int = FOLD_BATCH) -> list[int]:
-    """Take up to `limit` of the folds owed that no other transaction holds, and fold those runs into their
-    cases; the runs folded. Runs of one source that complete together (a fleet's nightly runs) are folded
-    together, in one pass over their cases, rather than one after another."""
+def fold_owed(conn: Connection, runs_max: int = FOLD_BATCH, results_max: int = FOLD_RESULTS) -> list[int]:
+    """Take folds owed that no other transaction holds (oldest first: up to `runs_max` runs, and beyond the
+    first, up to `results_max` results), and fold those runs into their cases; the runs folded. Runs of one
+    source that complete together (a fleet's nightly runs) are folded in one pass over their cases, rather than
+    one after another."""
+    total = " + ".join(f"r.{c}" for c in COUNT_COLUMNS)
     runs = sorted(row[0] for row in conn.exec_driver_sql(
-        "DELETE FROM case_folds WHERE run_id IN (SELECT run_id FROM case_folds ORDER BY run_id LIMIT %(n)s "
-        "FOR UPDATE SKIP LOCKED) RETURNING run_id", {"n": limit}))
+        f"WITH owed AS (SELECT run_id FROM case_folds ORDER BY run_id LIMIT %(n)s FOR UPDATE SKIP LOCKED), "
+        f"sized AS (SELECT o.run_id, sum({total}) OVER (ORDER BY o.run_id) - ({total}) AS before "
+        f"  FROM owed o JOIN automation_runs r ON r.id = o.run_id) "
+        f"DELETE FROM case_folds WHERE run_id IN (SELECT run_id FROM sized WHERE before = 0 OR before < %(results)s) "
+        f"RETURNING run_id", {"n": runs_max, "results": results_max}))
     if not runs:
         return []
+    # Its plan is compiled in ~80 ms for a statement that runs in a few hundred.
+    conn.exec_driver_sql("SET LOCAL jit = off")
     passed, failed = ([row[0] for row in conn.exec_driver_sql(f"SELECT id FROM statuses WHERE {flag} ORDER BY id")]
                       for flag in ("is_passed", "is_failed"))
     # Sources in order, for the same reason as keys in order.

@@ -100,8 +100,11 @@ def fold(self: Task, run_id: int) -> None:  # type: ignore[type-arg]
     (another task may have taken `run_id`'s already). Exactly once whatever happens to this task: a run's
     record of owing its fold goes in the fold's own transaction."""
     try:
-        with unit_of_work() as conn:
-            fold_owed(conn)
+        # Until nothing is owed that no other transaction holds: a pass takes at most FOLD_RESULTS results.
+        while True:
+            with unit_of_work() as conn:
+                if not fold_owed(conn):
+                    break
     except Exception as exc:  # the record stays, so a later try (or the sweeper) folds it
         log.warning("fold of run %s failed, will retry: %s", run_id, type(exc).__name__)
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc

@@ -84,7 +84,8 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['project_id'], ['projects.id'], name=op.f('fk_automation_cases_project_id_projects')),
     sa.ForeignKeyConstraint(['source_id'], ['automation_sources.id'], name=op.f('fk_automation_cases_source_id_automation_sources')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_automation_cases')),
-    sa.UniqueConstraint('project_id', 'source_id', 'key', name=op.f('uq_automation_cases_project_id_source_id_key'))
+    sa.UniqueConstraint('project_id', 'source_id', 'key', name=op.f('uq_automation_cases_project_id_source_id_key')),
+    postgresql_with={'fillfactor': '70'},
     )
     op.create_index(op.f('ix_automation_cases_project_id_created_at_id'), 'automation_cases', ['project_id', 'created_at', 'id'], unique=False)
     op.create_index(op.f('ix_automation_cases_project_id_flaky_percent_id'), 'automation_cases', ['project_id', 'flaky_percent', 'id'], unique=False)

@@ -94,7 +94,7 @@ async def list_tests(request: Request) -> Response:
             raise ApiError(422, INVALID, errors)
 
         statuses = s.statuses.statuses
-        page = _EMPTY if run is None or counts is None else await _tests_page(conn, run, q)
+        page = _EMPTY if run is None or counts is None else await _tests_page(conn, run, counts, q)
         total = 0 if counts is None else _total(counts, q.status_id)
         return encoded(responses.TestPage(
             **envelope(q.page, q.per_page, total), result=cast(list[responses.RunTest], page),
@@ -102,29 +102,43 @@ async def list_tests(request: Request) -> Response:
                                         expands=responses.ThreadExpands)))
 
 
-async def _tests_page(conn: AsyncConnection, run: RowMapping, q: queries.TestsQuery) -> msgspec.Raw:
+async def _tests_page(conn: AsyncConnection, run: RowMapping, counts: RowMapping,
+                      q: queries.TestsQuery) -> msgspec.Raw:
     """The page's results as the JSON list of their objects."""
     where = ["r.run_id = :run", _SINCE_RUN]
     binds: dict[str, Any] = {"run": run["id"], "since": run["created_at"], "limit": q.per_page,
-                             "offset": (q.page - 1) * q.per_page, "project": run["project_id"],
-                             "source": run["source_id"]}
+                             "offset": (q.page - 1) * q.per_page, "reach": q.page * q.per_page,
+                             "project": run["project_id"], "source": run["source_id"]}
     if q.thread_id is not None:
         where.append("r.thread_id = :thread")
         binds["thread"] = q.thread_id
-    if q.status_id is not None:
-        where.append("r.status_id = ANY(:statuses)")
-        binds["statuses"] = q.status_id
     column, order = TEST_COLUMNS[q.sort], q.order
     # elapsed is the one column that can be NULL: those results go last whichever the order.
     nulls = " NULLS LAST" if column == "elapsed" else ""
+    condition = " AND ".join(where)
+    if column == "id":
+        # The index holds a run's results in id order within each status: the page is the merge of each
+        # status's first results, for the statuses asked for that the run (or thread) has.
+        present = [i for i, c in enumerate(COUNT_COLUMNS, start=1) if counts[c] and (q.status_id is None
+                                                                                    or i in q.status_id)]
+        if not present:
+            return _EMPTY
+        rows = " UNION ALL ".join(
+            f"(SELECT r.* FROM automation_results r WHERE {condition} AND r.status_id = {status} "
+            f"ORDER BY r.id {order} LIMIT :reach)" for status in present)
+        rows = f"SELECT * FROM ({rows}) r ORDER BY r.id {order} LIMIT :limit OFFSET :offset"
+    else:
+        if q.status_id is not None:
+            condition += " AND r.status_id = ANY(:statuses)"
+            binds["statuses"] = q.status_id
+        rows = (f"SELECT r.* FROM automation_results r WHERE {condition} "
+                f"ORDER BY r.{column} {order}{nulls}, r.id {order} LIMIT :limit OFFSET :offset")
     # The page first, its cases after: a join before the LIMIT could be planned over the whole run.
     case = ("(SELECT c.id FROM automation_cases c WHERE c.project_id = :project AND c.source_id = :source "
             "AND c.key = p.key)" if run["is_completed"] else "NULL::bigint")
     page = (await conn.execute(text(
         f"SELECT coalesce(json_agg({_TEST_OBJECT.format(case=case)} ORDER BY p.{column} {order}{nulls}, "
-        f"  p.id {order}), '[]')::text FROM ("
-        f"  SELECT r.* FROM automation_results r WHERE {' AND '.join(where)} "
-        f"  ORDER BY r.{column} {order}{nulls}, r.id {order} LIMIT :limit OFFSET :offset) p"), binds)).scalar_one()
+        f"  p.id {order}), '[]')::text FROM ({rows}) p"), binds)).scalar_one()
     return msgspec.Raw(page.encode())
 
 

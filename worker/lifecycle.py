@@ -43,9 +43,9 @@ DAILY_KEY = "ingest:lifecycle:daily:"  # and the database's name: the pass is th
 # A run's results are dated by the shims' clocks, its creation and completion by the database's: a day of
 # slack either side keeps clock skew from ever mattering.
 SKEW = timedelta(days=1)
-# Runs removed per transaction, and threads per DELETE of rows.
+# Runs removed per transaction, and runs whose rows one DELETE takes from a day that stays.
 RUNS_PER_CHUNK = 500
-THREADS_PER_DELETE = 5000
+RUNS_PER_DELETE = 50
 _TOTAL = " + ".join(COUNT_COLUMNS)
 
 
@@ -78,7 +78,7 @@ class Day:
 
     partition: Partition
     droppable: bool = False  # every row is of an expired run (or of none)
-    removable: list[int] = field(default_factory=list)  # threads whose rows go, when the day is kept
+    removable: list[int] = field(default_factory=list)  # runs whose rows go, when the day is kept
     rows: int = 0  # rows deleted from it
     bytes: int = 0  # its size, when dropped
 
@@ -211,9 +211,9 @@ def plan_days(conn: Connection, expired: list[int], closed_before: datetime) -> 
         old = partition.upper is not None and partition.upper <= closed_before
         if not (expired_near or (old and not kept_near)):
             continue
-        threads = _threads_in(conn, partition.name)
-        kept = _kept_threads(conn, threads, expired)
-        day = Day(partition, droppable=old and not kept, removable=sorted(set(threads) - kept))
+        runs = _runs_in(conn, partition.name)
+        kept = _kept_runs(conn, runs, expired)
+        day = Day(partition, droppable=old and not kept, removable=sorted(set(runs) - kept))
         if day.droppable or day.removable:
             days.append(day)
     return days
@@ -234,35 +234,35 @@ def _overlaps(conn: Connection, days: list[Partition], expired: list[int]) -> di
     return {name: (bool(e), bool(k)) for name, e, k in rows}
 
 
-def _threads_in(conn: Connection, partition: str) -> list[int]:
-    """The threads a partition holds rows of, from its thread index: a loose index scan, one probe per
-    thread, however many rows each has."""
+def _runs_in(conn: Connection, partition: str) -> list[int]:
+    """The runs a partition holds rows of, from its index led by the run: a loose index scan, one probe per
+    run, however many rows each has."""
     return [int(row[0]) for row in conn.exec_driver_sql(
         f"WITH RECURSIVE t(id) AS ("
-        f"  (SELECT thread_id FROM {partition} ORDER BY thread_id LIMIT 1) "
+        f"  (SELECT run_id FROM {partition} ORDER BY run_id LIMIT 1) "
         f"  UNION ALL "
-        f"  SELECT (SELECT thread_id FROM {partition} WHERE thread_id > t.id ORDER BY thread_id LIMIT 1) "
+        f"  SELECT (SELECT run_id FROM {partition} WHERE run_id > t.id ORDER BY run_id LIMIT 1) "
         f"  FROM t WHERE t.id IS NOT NULL) "
         f"SELECT id FROM t WHERE id IS NOT NULL")]
 
 
-def _kept_threads(conn: Connection, threads: list[int], expired: list[int]) -> set[int]:
-    """Of these threads, those of runs that are kept. The others belong to expired runs, or to none any more."""
-    if not threads:
+def _kept_runs(conn: Connection, runs: list[int], expired: list[int]) -> set[int]:
+    """Of these runs, those that are kept. The others are expired, or exist no more."""
+    if not runs:
         return set()
     return {int(row[0]) for row in conn.exec_driver_sql(
-        "SELECT id FROM automation_run_threads WHERE id = ANY(%(t)s::bigint[]) AND NOT (run_id = ANY(%(r)s::bigint[]))",
-        {"t": threads, "r": expired})}
+        "SELECT id FROM automation_runs WHERE id = ANY(%(runs)s::bigint[]) AND NOT (id = ANY(%(r)s::bigint[]))",
+        {"runs": runs, "r": expired})}
 
 
 def _delete_rows(engine: Engine, day: Day) -> int:
-    """Delete the rows of removable threads from a day that stays, a bounded transaction at a time."""
+    """Delete the rows of removable runs from a day that stays, a bounded transaction at a time."""
     deleted = 0
-    for i in range(0, len(day.removable), THREADS_PER_DELETE):
+    for i in range(0, len(day.removable), RUNS_PER_DELETE):
         with engine.begin() as conn:
             deleted += conn.exec_driver_sql(
-                f"DELETE FROM {day.partition.name} WHERE thread_id = ANY(%(t)s::bigint[])",
-                {"t": day.removable[i:i + THREADS_PER_DELETE]}).rowcount
+                f"DELETE FROM {day.partition.name} WHERE run_id = ANY(%(r)s::bigint[])",
+                {"r": day.removable[i:i + RUNS_PER_DELETE]}).rowcount
     return deleted
 
 
@@ -330,14 +330,8 @@ def delete_run(engine: Engine, store: Redis, run_id: int) -> int | None:
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "SELECT id FROM automation_run_threads WHERE run_id = %(r)s ORDER BY id FOR UPDATE", {"r": run_id})
-        threads = [int(row[0]) for row in conn.exec_driver_sql(
-            "SELECT id FROM automation_run_threads WHERE run_id = %(r)s", {"r": run_id})]
-        results = 0
-        for i in range(0, len(threads), THREADS_PER_DELETE):
-            # Through the thread index of each partition: a run has no index of its own in the results.
-            results += conn.exec_driver_sql(
-                "DELETE FROM automation_results WHERE thread_id = ANY(%(t)s::bigint[])",
-                {"t": threads[i:i + THREADS_PER_DELETE]}).rowcount
+        results = conn.exec_driver_sql(
+            "DELETE FROM automation_results WHERE run_id = %(r)s", {"r": run_id}).rowcount
         remove_runs(conn, [run_id])
     return results
 

@@ -1,8 +1,8 @@
-"""automation cases, webhooks, and the indexes that read a run's results back (reads.md)
+"""automation cases, webhooks, and the index that reads a run's results back (reads.md)
 
-The two indexes on `automation_results` are made on every partition, with the table locked against writes
-meanwhile (workers wait and retry; the shims go on accepting): on a large store, about as long as one pass
-over the results.
+The results' index by thread gives way to one by run, status and id (made on every partition, with the table
+locked against writes meanwhile: workers wait and retry, the shims go on accepting; on a large store, about
+as long as one pass over the results).
 
 Revision ID: 0004
 Revises: 0003
@@ -114,13 +114,13 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['run_id'], ['automation_runs.id'], name=op.f('fk_case_folds_run_id_automation_runs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('run_id', name=op.f('pk_case_folds'))
     )
-    op.create_index(op.f('ix_automation_results_run_id_id'), 'automation_results', ['run_id', 'id'], unique=False)
     op.create_index(op.f('ix_automation_results_run_id_status_id_id'), 'automation_results', ['run_id', 'status_id', 'id'], unique=False)
+    op.drop_index('ix_automation_results_thread_id', table_name='automation_results')
 
 
 def downgrade() -> None:
+    op.create_index('ix_automation_results_thread_id', 'automation_results', ['thread_id'], unique=False)
     op.drop_index(op.f('ix_automation_results_run_id_status_id_id'), table_name='automation_results')
-    op.drop_index(op.f('ix_automation_results_run_id_id'), table_name='automation_results')
     op.drop_table('case_folds')
     op.drop_index(op.f('ix_webhook_deliveries_webhook_id'), table_name='webhook_deliveries')
     op.drop_index('ix_webhook_deliveries_due', table_name='webhook_deliveries', postgresql_where=sa.text("state = 'pending'"))

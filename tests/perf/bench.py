@@ -385,6 +385,19 @@ def bytes_per_result(database_url: str) -> tuple[float, int]:
     return (int(row[0] or 0) / row[1] if row[1] else float("nan")), int(row[1])
 
 
+def wait_for_folds(database_url: str, timeout: float) -> float:
+    """Seconds until the completed runs are folded into their cases (worker/cases.py), from now: after the
+    counters, so that it counts in no rate above, and before raw COPY, which it would slow."""
+    url = make_url(database_url).set(drivername="postgresql")
+    start = time.perf_counter()
+    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
+        while conn.execute("SELECT count(*) FROM case_folds").fetchone() != (0,):
+            if time.perf_counter() - start > timeout:
+                raise SystemExit("timed out waiting for the runs to be folded into their cases")
+            time.sleep(0.05)
+    return time.perf_counter() - start
+
+
 def stored_counts(database_url: str) -> dict[int, dict[int, int]]:
     url = make_url(database_url).set(drivername="postgresql")
     out: dict[int, dict[int, int]] = defaultdict(dict)
@@ -536,6 +549,7 @@ def main() -> None:
         cpu = {k: v - cpu_before[k] for k, v in cpu_by_component(api, worker).items()}
         rss = {"shim": [rss_mb(p, "VmHWM") for p in tree(api.proc.pid)],
                "worker": [rss_mb(p, "VmHWM") for p in tree(worker.proc.pid)]}
+        folded_after = wait_for_folds(args.database_url, args.timeout)
     finally:
         api.stop()
         for w in workers:
@@ -580,6 +594,7 @@ def main() -> None:
     print(f"ratio end-to-end / COPY: {e2e_rate / copy_rate:>10.2f}")
     print(f"bytes per stored result (table + indexes): {per_result:,.0f}, over {stored:,} results"
           + (f" ({args.preload:,} of them preloaded)" if args.preload else ""))
+    print(f"runs folded into their cases {folded_after:.1f} s after their counters were exact")
     print(f"lag, last complete to exact final counters: {result['lag']:.2f} s"
           + (" (includes starting the workers)" if args.worker_after else ""))
     print(f"peak RSS MB: shim {[round(x) for x in rss['shim']]}, "

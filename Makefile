@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install services check bench
+.PHONY: run test install services check bench bench-reads
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,3 +33,7 @@ bench: install services
 	$(PY) tests/perf/bench.py --runs 1 --threads 1000 --appends 10 --tests 100
 	$(PY) tests/perf/bench.py --runs 20 --threads 50 --appends 10 --tests 100
 	$(PY) tests/perf/bench.py --runs 1 --threads 1000 --appends 10 --tests 100 --think-ms 500 --worker-delay 3
+
+# Read latencies of a 1M-result run and a 100,000-case project while a fleet ingests, folds, webhook lag.
+bench-reads: install services
+	$(PY) tests/perf/reads.py

@@ -272,6 +272,16 @@ automation_cases = Table(
     postgresql_with={"fillfactor": "70"},
 )
 
+# How many cases each source of a project has in each status, counted again by each fold of the source, so that a
+# page of a project's cases needs no count over all of them.
+automation_case_totals = Table(
+    "automation_case_totals", metadata,
+    Column("project_id", BigInteger, ForeignKey("projects.id"), primary_key=True),
+    Column("source_id", BigInteger, ForeignKey("automation_sources.id"), primary_key=True),
+    Column("status", SmallInteger, primary_key=True, autoincrement=False),
+    Column("cases", Integer, nullable=False),
+)
+
 # The outbox of completions: a row written in the transaction that completes a run, deleted by the one that
 # folds the run's results into its cases. What is still here after a while is folded by the sweeper.
 case_folds = Table(

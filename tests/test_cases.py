@@ -158,6 +158,10 @@ def test_sorts_filters_and_pages(planted: tuple[Project, list[int], int]) -> Non
     assert keys(status=NEUTRAL) == [(suite_source, "d")]
     assert keys(status=FAILURE) == [(other_source, "a")]
     assert len(keys(status="1,2")) == 5
+    # Totals, kept per source and status by the folds, and counted where a name or folder filters.
+    assert [cases(api, project.id, **params)["total"] for params in (
+        {}, {"status": "1,2"}, {"source_id": other_source}, {"source_id": suite_source, "status": FAILURE},
+        {"name": "alpha"}, {"folder": "suite/c"})] == [6, 5, 1, 0, 2, 1]
     assert set(keys(name="ALPHA")) == {(suite_source, "a"), (other_source, "a")}  # any case, a substring
     assert keys(name="%") == []  # a wildcard is a character like any other
     assert keys(folder="suite/c") == [(suite_source, "c")]

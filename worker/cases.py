@@ -92,6 +92,16 @@ ON CONFLICT (project_id, source_id, key) DO UPDATE SET
 """
 
 
+_TOTALS = f"""
+INSERT INTO automation_case_totals (project_id, source_id, status, cases)
+SELECT %(project)s, %(source)s, s.status, count(c.id)
+FROM (VALUES ({NEUTRAL}), ({SUCCESS}), ({FAILURE})) s(status)
+LEFT JOIN automation_cases c ON c.project_id = %(project)s AND c.source_id = %(source)s AND c.status = s.status
+GROUP BY s.status
+ON CONFLICT (project_id, source_id, status) DO UPDATE SET cases = excluded.cases
+"""
+
+
 def fold_owed(conn: Connection, runs_max: int = FOLD_BATCH, results_max: int = FOLD_RESULTS) -> list[int]:
     """Take folds owed that no other transaction holds (oldest first: up to `runs_max` runs, and beyond the
     first, up to `results_max` results), and fold those runs into their cases; the runs folded. Runs of one
@@ -117,6 +127,9 @@ def fold_owed(conn: Connection, runs_max: int = FOLD_BATCH, results_max: int = F
             {"runs": runs}):
         conn.exec_driver_sql(_FOLD, {"runs": ids, "since": since, "project": project, "source": source,
                                      "passed": passed, "failed": failed})
+        # One fold of a source at a time counts: the second's count then sees the first's cases.
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(source)s)", {"source": source})
+        conn.exec_driver_sql(_TOTALS, {"project": project, "source": source})
     return runs
 
 

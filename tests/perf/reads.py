@@ -73,6 +73,10 @@ def load_cases(database_url: str, project_id: int, cases: int) -> None:
             "  30 - i %% 7, i %% 7, 30 * (i %% 5000), 30, i %% 5000, '{2,3,2}', ((i * 7919) %% 1000) / 10.0, 1, "
             "  now() - make_interval(secs => %(n)s - i), now() "
             "FROM generate_series(1, %(n)s) i", {"p": project_id, "s": source[0], "n": cases})
+        # The totals the folds keep (worker/cases.py).
+        conn.execute("INSERT INTO automation_case_totals (project_id, source_id, status, cases) "
+                     "SELECT project_id, source_id, status, count(*) FROM automation_cases WHERE project_id = %s "
+                     "GROUP BY 1, 2, 3", (project_id,))
         conn.execute("VACUUM ANALYZE automation_cases")
 
 

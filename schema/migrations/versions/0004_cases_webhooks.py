@@ -89,6 +89,15 @@ def upgrade() -> None:
     )
     op.create_index(op.f('ix_automation_cases_project_id_created_at_id'), 'automation_cases', ['project_id', 'created_at', 'id'], unique=False)
     op.create_index(op.f('ix_automation_cases_project_id_flaky_percent_id'), 'automation_cases', ['project_id', 'flaky_percent', 'id'], unique=False)
+    op.create_table('automation_case_totals',
+    sa.Column('project_id', sa.BigInteger(), nullable=False),
+    sa.Column('source_id', sa.BigInteger(), nullable=False),
+    sa.Column('status', sa.SmallInteger(), autoincrement=False, nullable=False),
+    sa.Column('cases', sa.Integer(), nullable=False),
+    sa.ForeignKeyConstraint(['project_id'], ['projects.id'], name=op.f('fk_automation_case_totals_project_id_projects')),
+    sa.ForeignKeyConstraint(['source_id'], ['automation_sources.id'], name=op.f('fk_automation_case_totals_source_id_automation_sources')),
+    sa.PrimaryKeyConstraint('project_id', 'source_id', 'status', name=op.f('pk_automation_case_totals'))
+    )
     op.create_table('webhook_deliveries',
     sa.Column('id', sa.UUID(as_uuid=False), nullable=False),
     sa.Column('webhook_id', sa.BigInteger(), nullable=False),
@@ -127,6 +136,7 @@ def downgrade() -> None:
     op.drop_table('webhook_deliveries')
     op.drop_index(op.f('ix_automation_cases_project_id_flaky_percent_id'), table_name='automation_cases')
     op.drop_index(op.f('ix_automation_cases_project_id_created_at_id'), table_name='automation_cases')
+    op.drop_table('automation_case_totals')
     op.drop_table('automation_cases')
     op.drop_index(op.f('ix_webhooks_project_id'), table_name='webhooks')
     op.drop_table('webhooks')

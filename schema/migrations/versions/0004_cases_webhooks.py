@@ -1,8 +1,9 @@
 """automation cases, webhooks, and the index that reads a run's results back (reads.md)
 
-The results' index by thread gives way to one by run, status and id (made on every partition, with the table
-locked against writes meanwhile: workers wait and retry, the shims go on accepting; on a large store, about
-as long as one pass over the results).
+The results' key, (id, created_at), becomes (run_id, status_id, id, created_at), and their index by thread
+goes: one index, by run, serves everything (made again on every partition, with the table locked against
+writes meanwhile: workers wait and retry, the shims go on accepting; on a large store, about as long as one
+pass over the results).
 
 Revision ID: 0004
 Revises: 0003
@@ -123,13 +124,15 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['run_id'], ['automation_runs.id'], name=op.f('fk_case_folds_run_id_automation_runs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('run_id', name=op.f('pk_case_folds'))
     )
-    op.create_index(op.f('ix_automation_results_run_id_status_id_id'), 'automation_results', ['run_id', 'status_id', 'id'], unique=False)
     op.drop_index('ix_automation_results_thread_id', table_name='automation_results')
+    op.execute("ALTER TABLE automation_results DROP CONSTRAINT pk_automation_results, "
+               "ADD CONSTRAINT pk_automation_results PRIMARY KEY (run_id, status_id, id, created_at)")
 
 
 def downgrade() -> None:
+    op.execute("ALTER TABLE automation_results DROP CONSTRAINT pk_automation_results, "
+               "ADD CONSTRAINT pk_automation_results PRIMARY KEY (id, created_at)")
     op.create_index('ix_automation_results_thread_id', 'automation_results', ['thread_id'], unique=False)
-    op.drop_index(op.f('ix_automation_results_run_id_status_id_id'), table_name='automation_results')
     op.drop_table('case_folds')
     op.drop_index(op.f('ix_webhook_deliveries_webhook_id'), table_name='webhook_deliveries')
     op.drop_index('ix_webhook_deliveries_due', table_name='webhook_deliveries', postgresql_where=sa.text("state = 'pending'"))

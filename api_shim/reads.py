@@ -18,6 +18,7 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
+from api_shim.auth import Principal
 from api_shim.errors import INVALID, ApiError, not_found
 from api_shim.http import iso, path_id, services
 from api_shim.services import Services
@@ -213,14 +214,19 @@ async def _runs_written(s: Services, conn: AsyncConnection, project_id: int) -> 
         await asyncio.sleep(0.02)
 
 
+async def require_project(conn: AsyncConnection, principal: Principal, project_id: int) -> None:
+    """404 for a project that does not exist, 403 for one the token may not read."""
+    if (await conn.execute(text("SELECT 1 FROM projects WHERE id = :id"), {"id": project_id})).first() is None:
+        raise not_found("Project")
+    principal.authorize(project_id)
+
+
 async def list_runs(request: Request) -> Response:
     s = services(request)
     principal = await s.auth.authenticate(request.headers.get("authorization"))
     project_id = path_id(request, "project_id", "Project")
     async with s.engine.connect() as conn:
-        if (await conn.execute(text("SELECT 1 FROM projects WHERE id = :id"), {"id": project_id})).first() is None:
-            raise not_found("Project")
-        principal.authorize(project_id)
+        await require_project(conn, principal, project_id)
 
         q = query(queries.RunsQuery, request.query_params)
         where = ["project_id = :project"]

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from api_shim.errors import INVALID, ApiError, not_found
 from api_shim.http import iso, path_id, services
-from api_shim.reads import build_expands, encoded, envelope, query
+from api_shim.reads import build_expands, encoded, envelope, query, require_project
 from schema import queries, responses
 from schema.messages import run_key
 from schema.statuses import COUNT_COLUMNS
@@ -165,9 +165,7 @@ async def list_cases(request: Request) -> Response:
     principal = await s.auth.authenticate(request.headers.get("authorization"))
     project_id = path_id(request, "project_id", "Project")
     async with s.engine.connect() as conn:
-        if (await conn.execute(text("SELECT 1 FROM projects WHERE id = :id"), {"id": project_id})).first() is None:
-            raise not_found("Project")
-        principal.authorize(project_id)
+        await require_project(conn, principal, project_id)
 
         q = query(queries.CasesQuery, request.query_params)
         where = ["project_id = :project"]

@@ -26,7 +26,7 @@ from schema import status
 from schema.process import quiet_gc
 from schema.protocol import ThreadOp
 from schema.settings import Settings
-from schema.statuses import DEFAULT_STATUSES, Status, alias_map
+from schema.statuses import DEFAULT_STATUSES, STATUS_TABLE_SQL, Status, alias_map, status_of
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,8 @@ class StatusTable:
 
     async def refresh(self, engine: AsyncEngine) -> None:
         async with engine.connect() as conn:
-            rows = (await conn.execute(text(
-                "SELECT id, name, system_name, color, is_final, is_untested, is_passed, is_failed, aliases "
-                "FROM statuses ORDER BY id"))).mappings().all()
-        self.statuses = [Status(**{**row, "aliases": tuple(row["aliases"])}) for row in rows]
+            rows = (await conn.execute(text(STATUS_TABLE_SQL))).mappings().all()
+        self.statuses = [status_of(row) for row in rows]
         self.aliases = alias_map(self.statuses)
 
 

@@ -1,6 +1,8 @@
 """Result statuses and the counter columns they feed (compat.md section 3)."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_STATUS_ID = 25
 
@@ -39,6 +41,15 @@ DEFAULT_STATUSES: tuple[Status, ...] = (
     Status(6, "Skipped", "skipped", "#3b82f6", is_final=True,
            aliases=("skipped", "skip", "ignored", "disabled", "pending")),
 )
+
+
+# The status table as `Status` objects are made from it (`status_of`), by the shim and by the worker alike.
+STATUS_TABLE_SQL = ("SELECT id, name, system_name, color, is_final, is_untested, is_passed, is_failed, aliases "
+                    "FROM statuses ORDER BY id")
+
+
+def status_of(row: Mapping[Any, Any]) -> Status:
+    return Status(**{**row, "aliases": tuple(row["aliases"])})
 
 
 def alias_map(statuses: tuple[Status, ...] | list[Status]) -> dict[str, int]:

@@ -18,6 +18,7 @@ counted as considered and never compared. The percentage is kept on the row, to 
 from sqlalchemy import Connection
 
 from schema.statuses import COUNT_COLUMNS
+from worker.store import failed_status_ids, passed_status_ids
 
 RECENT_RUNS = 30
 # Owed folds one transaction takes at most, and results: runs completing together are folded in one pass, but
@@ -118,8 +119,7 @@ def fold_owed(conn: Connection, runs_max: int = FOLD_BATCH, results_max: int = F
         return []
     # Its plan is compiled in ~80 ms for a statement that runs in a few hundred.
     conn.exec_driver_sql("SET LOCAL jit = off")
-    passed, failed = ([row[0] for row in conn.exec_driver_sql(f"SELECT id FROM statuses WHERE {flag} ORDER BY id")]
-                      for flag in ("is_passed", "is_failed"))
+    passed, failed = passed_status_ids(conn), failed_status_ids(conn)
     # Sources in order, for the same reason as keys in order.
     for project, source, ids, since in conn.exec_driver_sql(
             "SELECT project_id, source_id, array_agg(id ORDER BY id), min(created_at) FROM automation_runs "

@@ -170,6 +170,10 @@ def failed_status_ids(conn: Connection) -> list[int]:
     return [row[0] for row in conn.exec_driver_sql("SELECT id FROM statuses WHERE is_failed ORDER BY id")]
 
 
+def passed_status_ids(conn: Connection) -> list[int]:
+    return [row[0] for row in conn.exec_driver_sql("SELECT id FROM statuses WHERE is_passed ORDER BY id")]
+
+
 # --- runs, threads and results -----------------------------------------------------------------------------
 
 def insert_runs(conn: Connection, ops: list[Op]) -> None:

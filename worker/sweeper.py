@@ -24,10 +24,10 @@ from schema.protocol import WorkerScripts, celery_message
 from schema.settings import get_settings
 from worker import lifecycle
 from worker.apply import force_complete_run
-from worker.cases import fold_owed, overdue
+from worker.cases import overdue
 from worker.db import batches, engine, unit_of_work
 from worker.store import failed_status_ids, thread_status_sql
-from worker.tasks import SIBLINGS, after_completion
+from worker.tasks import SIBLINGS, after_completion, fold_all_owed
 from worker.webhooks import send_due
 
 log = logging.getLogger(__name__)
@@ -120,13 +120,7 @@ def fold_overdue() -> list[int]:
     with unit_of_work() as conn:
         if not overdue(conn, FOLD_OVERDUE_SECONDS):
             return []
-    folded: list[int] = []
-    while True:
-        with unit_of_work() as conn:
-            runs = fold_owed(conn)
-        if not runs:
-            break
-        folded.extend(runs)
+    folded = fold_all_owed()
     log.warning("folded runs %s whose fold task was lost", folded)
     return folded
 

@@ -100,14 +100,22 @@ def fold(self: Task, run_id: int) -> None:  # type: ignore[type-arg]
     (another task may have taken `run_id`'s already). Exactly once whatever happens to this task: a run's
     record of owing its fold goes in the fold's own transaction."""
     try:
-        # Until nothing is owed that no other transaction holds: a pass takes at most FOLD_RESULTS results.
-        while True:
-            with unit_of_work() as conn:
-                if not fold_owed(conn):
-                    break
+        fold_all_owed()
     except Exception as exc:  # the record stays, so a later try (or the sweeper) folds it
         log.warning("fold of run %s failed, will retry: %s", run_id, type(exc).__name__)
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+
+
+def fold_all_owed() -> list[int]:
+    """Fold until nothing is owed that no other transaction holds (a pass takes at most FOLD_RESULTS results,
+    each in a transaction of its own); the runs folded."""
+    folded: list[int] = []
+    while True:
+        with unit_of_work() as conn:
+            runs = fold_owed(conn)
+        if not runs:
+            return folded
+        folded.extend(runs)
 
 
 def after_completion(runs: list[int], with_deliveries: list[int]) -> None:

@@ -131,7 +131,7 @@ def run_object(conn: Connection, run_id: int) -> dict[str, Any] | None:
     """The run as GET /api/v1/automation/runs/{id} returns it in `result`, from the same columns and the same
     Struct."""
     from api_shim.reads import EMBEDDED_THREADS, RUN_COLUMNS, THREAD_COLUMNS, run_with_threads
-    from schema.statuses import Status
+    from schema.statuses import STATUS_TABLE_SQL, status_of
 
     run = conn.exec_driver_sql(f"SELECT {RUN_COLUMNS} FROM automation_runs WHERE id = %(id)s",
                                {"id": run_id}).mappings().first()
@@ -140,10 +140,7 @@ def run_object(conn: Connection, run_id: int) -> dict[str, Any] | None:
     threads = conn.exec_driver_sql(
         f"SELECT {THREAD_COLUMNS} FROM automation_run_threads WHERE run_id = %(id)s ORDER BY id LIMIT %(n)s",
         {"id": run_id, "n": EMBEDDED_THREADS}).mappings().all()
-    # As the shim's status table loads them (api_shim/services.py).
-    statuses = [Status(**{**row, "aliases": tuple(row["aliases"])}) for row in conn.exec_driver_sql(
-        "SELECT id, name, system_name, color, is_final, is_untested, is_passed, is_failed, aliases "
-        "FROM statuses ORDER BY id").mappings()]
+    statuses = [status_of(row) for row in conn.exec_driver_sql(STATUS_TABLE_SQL).mappings()]
     built: dict[str, Any] = msgspec.to_builtins(run_with_threads(run, threads, statuses))
     return built
 

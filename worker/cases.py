@@ -128,7 +128,8 @@ def fold_owed(conn: Connection, runs_max: int = FOLD_BATCH, results_max: int = F
         conn.exec_driver_sql(_FOLD, {"runs": ids, "since": since, "project": project, "source": source,
                                      "passed": passed, "failed": failed})
         # One fold of a source at a time counts: the second's count then sees the first's cases.
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(source)s)", {"source": source})
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('ingest:case-totals:' || %(source)s))",
+                             {"source": source})
         conn.exec_driver_sql(_TOTALS, {"project": project, "source": source})
     return runs
 

@@ -53,7 +53,9 @@ TEST_JSON = {
     "created_at": _ISO.format("p.created_at"),
 }
 assert tuple(TEST_JSON) == responses.RunTest.__struct_fields__, "TEST_JSON must follow schema.responses.RunTest"
-_TEST_OBJECT = "json_build_object(" + ", ".join(f"'{name}', {sql}" for name, sql in TEST_JSON.items()) + ")"
+# A row of these columns, written by row_to_json: compact, as every other body (json_build_object would write
+# `"id" : 1`).
+_TEST_ROW = "SELECT " + ", ".join(f'{sql} AS "{name}"' for name, sql in TEST_JSON.items())
 
 
 def _total(counts: RowMapping, status_ids: list[int] | None) -> int:
@@ -137,8 +139,8 @@ async def _tests_page(conn: AsyncConnection, run: RowMapping, counts: RowMapping
     case = ("(SELECT c.id FROM automation_cases c WHERE c.project_id = :project AND c.source_id = :source "
             "AND c.key = p.key)" if run["is_completed"] else "NULL::bigint")
     page = (await conn.execute(text(
-        f"SELECT coalesce(json_agg({_TEST_OBJECT.format(case=case)} ORDER BY p.{column} {order}{nulls}, "
-        f"  p.id {order}), '[]')::text FROM ({rows}) p"), binds)).scalar_one()
+        f"SELECT coalesce(json_agg(row_to_json(t) ORDER BY p.{column} {order}{nulls}, p.id {order}), '[]')::text "
+        f"FROM ({rows}) p CROSS JOIN LATERAL ({_TEST_ROW.format(case=case)}) t"), binds)).scalar_one()
     return msgspec.Raw(page.encode())
 
 

@@ -8,6 +8,8 @@ import pytest
 from conftest import Project
 from support import Api, wait_for
 
+from schema.responses import RunTest
+
 ENVELOPE = {"page", "prev_page", "next_page", "last_page", "per_page", "total", "result", "expands"}
 TEST_FIELDS = {"id", "project_id", "run_id", "thread_id", "case_id", "repository_case_id", "status_id", "key",
                "name", "folder", "elapsed", "file", "line", "assertions", "fields", "artifacts", "created_at"}
@@ -21,6 +23,8 @@ def page_of_results(api: Api, run_id: int, **params: Any) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     assert set(body) == ENVELOPE
+    # Written compactly, as every other body (no test here sends a value holding '" : ').
+    assert b'" : ' not in response.content
     return body
 
 
@@ -82,6 +86,7 @@ def test_results_are_listed_as_applied_with_every_field(project: Project) -> Non
                                                                                                        None, 1, 100)
     first, second = body["result"]  # newest first: the default order is id desc
     assert set(first) == set(second) == TEST_FIELDS
+    assert list(first) == list(RunTest.__struct_fields__)  # in the documented order
     assert first["id"] > second["id"]
     for result, sent in ((second, full), (first, bare)):
         assert result["project_id"] == project.id and result["run_id"] == run_id

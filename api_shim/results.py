@@ -19,6 +19,7 @@ from api_shim.http import iso, path_id, services
 from api_shim.reads import build_expands, encoded, envelope, query, require_project
 from schema import queries, responses
 from schema.messages import run_key
+from schema.partitions import CLOCK_SKEW
 from schema.statuses import COUNT_COLUMNS
 
 TEST_COLUMNS = {"automation_run_tests:id": "id", "automation_run_tests:name": "name",
@@ -28,9 +29,9 @@ CASE_COLUMNS = {"automation_sources:created_at": "created_at", "automation_cases
                 "automation_cases:elapsed_average": "elapsed_average",
                 "automation_cases:failure_count": "failure_count", "automation_cases:flaky_percent": "flaky_percent"}
 
-# A result is stored no earlier than its run was created; the day of margin covers shims whose clocks
-# disagree. It keeps the lookups off the older daily partitions.
-_SINCE_RUN = "r.created_at >= cast(:since AS timestamptz) - interval '1 day'"
+# A result is stored no earlier than its run was created (less the clock skew allowed): the lookups stay off
+# the older daily partitions.
+_SINCE_RUN = "r.created_at >= cast(:since AS timestamptz) - cast(:skew AS interval)"
 _EMPTY = msgspec.Raw(b"[]")
 
 
@@ -108,7 +109,7 @@ async def _tests_page(conn: AsyncConnection, run: RowMapping, counts: RowMapping
                       q: queries.TestsQuery) -> msgspec.Raw:
     """The page's results as the JSON list of their objects."""
     where = ["r.run_id = :run", _SINCE_RUN]
-    binds: dict[str, Any] = {"run": run["id"], "since": run["created_at"], "limit": q.per_page,
+    binds: dict[str, Any] = {"run": run["id"], "since": run["created_at"], "skew": CLOCK_SKEW, "limit": q.per_page,
                              "offset": (q.page - 1) * q.per_page, "reach": q.page * q.per_page,
                              "project": run["project_id"], "source": run["source_id"]}
     if q.thread_id is not None:

@@ -23,6 +23,10 @@ from sqlalchemy import Connection
 PARTITIONED = {"automation_results": "created_at", "applied_ops": "accepted_at"}
 # Days of partitions kept ready ahead of today.
 AHEAD_DAYS = 7
+# A result is dated by its shim's clock, its run's creation and completion by the database's: a day of slack
+# either side keeps clock skew from ever mattering, to retention and to the lookups of a run's results (which
+# keep them off the older days).
+CLOCK_SKEW = timedelta(days=1)
 # A partition of the table's own: `<table>_p<YYYYMMDD>` for a day, `<table>_legacy` for claims an in-place
 # migration brought over.
 PARTITION_NAME = re.compile(r"^(automation_results|applied_ops)_(p\d{8}|legacy)$")

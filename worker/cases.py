@@ -17,6 +17,7 @@ counted as considered and never compared. The percentage is kept on the row, to 
 
 from sqlalchemy import Connection
 
+from schema.partitions import CLOCK_SKEW
 from schema.statuses import COUNT_COLUMNS
 from worker.store import failed_status_ids, passed_status_ids
 
@@ -40,9 +41,9 @@ WITH runs AS (
            coalesce(sum(r.elapsed), 0) AS elapsed_total,
            count(r.elapsed) AS elapsed_results
     FROM automation_results r
-    -- Results are stored no earlier than their run was created: older partitions are not looked at. (A day of
-    -- margin for clocks of several shims that disagree.)
-    WHERE r.run_id = ANY(%(runs)s) AND r.created_at >= %(since)s::timestamptz - interval '1 day'
+    -- Results are stored no earlier than their run was created (less the clock skew allowed): older
+    -- partitions are not looked at.
+    WHERE r.run_id = ANY(%(runs)s) AND r.created_at >= %(since)s::timestamptz - %(skew)s::interval
     GROUP BY r.run_id, r.key
 ), per_key AS (
     SELECT o.key,
@@ -125,8 +126,8 @@ def fold_owed(conn: Connection, runs_max: int = FOLD_BATCH, results_max: int = F
             "SELECT project_id, source_id, array_agg(id ORDER BY id), min(created_at) FROM automation_runs "
             "WHERE id = ANY(%(runs)s) GROUP BY project_id, source_id ORDER BY project_id, source_id",
             {"runs": runs}):
-        conn.exec_driver_sql(_FOLD, {"runs": ids, "since": since, "project": project, "source": source,
-                                     "passed": passed, "failed": failed})
+        conn.exec_driver_sql(_FOLD, {"runs": ids, "since": since, "skew": CLOCK_SKEW, "project": project,
+                                     "source": source, "passed": passed, "failed": failed})
         # One fold of a source at a time counts: the second's count then sees the first's cases.
         conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('ingest:case-totals:' || %(source)s))",
                              {"source": source})

@@ -31,7 +31,7 @@ from redis import Redis
 from sqlalchemy import Connection, Engine
 
 from schema.messages import CLOSED_TTL_SECONDS, run_key, thread_key
-from schema.partitions import Partition, detach_and_drop, ensure_ahead, finish_interrupted, partitions
+from schema.partitions import CLOCK_SKEW, Partition, detach_and_drop, ensure_ahead, finish_interrupted, partitions
 from schema.settings import Settings
 from schema.statuses import COUNT_COLUMNS
 from worker.store import WINDOW_MARGIN
@@ -40,9 +40,6 @@ from worker.tasks import BACKOFF_CAP_SECONDS, MAX_RETRIES
 log = logging.getLogger(__name__)
 
 DAILY_KEY = "ingest:lifecycle:daily:"  # and the database's name: the pass is the database's
-# A run's results are dated by the shims' clocks, its creation and completion by the database's: a day of
-# slack either side keeps clock skew from ever mattering.
-SKEW = timedelta(days=1)
 # Runs removed per transaction, and runs whose rows one DELETE takes from a day that stays.
 RUNS_PER_CHUNK = 500
 RUNS_PER_DELETE = 50
@@ -229,7 +226,7 @@ def _overlaps(conn: Connection, days: list[Partition], expired: list[int]) -> di
         "LEFT JOIN automation_runs r ON r.created_at - %(skew)s < coalesce(p.hi, 'infinity') "
         "  AND coalesce(r.completed_at, 'infinity') + %(skew)s > coalesce(p.lo, '-infinity') "
         "GROUP BY p.name",
-        {"expired": expired, "skew": SKEW, "names": [d.name for d in days], "lo": [d.lower for d in days],
+        {"expired": expired, "skew": CLOCK_SKEW, "names": [d.name for d in days], "lo": [d.lower for d in days],
          "hi": [d.upper for d in days]}).all()
     return {name: (bool(e), bool(k)) for name, e, k in rows}
 

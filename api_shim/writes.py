@@ -168,7 +168,7 @@ async def accept_thread_append(s: Services, authorization: str | None, thread_id
     head = orjson.dumps(_op_head("thread.append", ref.run_id, principal.user_id, request_id)
                         | {"thread_id": ref.thread_id})
     resources = resources_of(given(body))[0] if body.fields or body.artifacts else ""
-    append = ThreadOp("a", ref.run_id, ref.thread_id, head[:-1] + b',"body":' + raw + b"}",
+    append = ThreadOp("a", ref.run_id, ref.thread_id, b"".join((head[:-1], b',"body":', raw, b"}")),
                       len(body.tests) if body.tests else 0, resources, idem)
     verdict = await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.thread_ops.submit(append))
     _check_accepted(s, verdict, "thread")

@@ -53,7 +53,7 @@ MetaValue = (ShortText | Annotated[int, Meta(ge=-(2**63), le=BIGINT_MAX)]
 FIELD_STRING, FIELD_TEXT, FIELD_HTML, FIELD_CONSOLE, FIELD_URL = 1, 2, 3, 4, 5
 
 
-class Body(Struct, forbid_unknown_fields=True):
+class Body(Struct, forbid_unknown_fields=True, gc=False):
     """Strict: unknown keys are refused."""
 
 

@@ -1,8 +1,10 @@
-"""The ASGI application: where each request goes (thread appends by api_shim/hot.py, the rest by `routes`)."""
+"""The ASGI application: where each request goes (`routes`; thread appends mostly by api_shim/hot.py, which the
+server's protocol calls without ASGI)."""
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.exceptions
 import sqlalchemy.exc
@@ -15,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api_shim import observe, openapi, reads, results, writes
 from api_shim.errors import ApiError, error_response, unavailable
-from api_shim.hot import HotPath
+from api_shim.hot import HOT_PATH, HotPath
 from api_shim.server import BODY_TIMED_OUT
 from api_shim.services import Services
 from schema.settings import Settings, get_settings
@@ -103,7 +105,7 @@ HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[Respons
 
 
 def error_for(scope: Scope, exc: Exception) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """The answer the app's exception handlers give `exc`, as an ASGI app (for api_shim/hot.py)."""
+    """The answer the app's exception handlers give `exc`, as an ASGI app (for api_shim/hot.py's refusals)."""
     handler = next(h for kind in type(exc).__mro__ if (h := HANDLERS.get(kind)) is not None)
 
     async def answer(scope: Scope, receive: Receive, send: Send) -> None:
@@ -117,14 +119,15 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     settings = settings or get_settings()
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         services = Services.create(settings)
         app.state.services = services
         await services.start()
-        yield
+        # In the lifespan state, where the server's protocol finds it (api_shim/server.py).
+        yield {HOT_PATH: HotPath(app, error_for)}
         await services.close()
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=dict(HANDLERS))
-    # Every request is observed (request id, metrics, log line); thread appends then take the direct path,
-    # the rest Starlette's routes.
-    return observe.Observe(HotPath(app, error_for))
+    # Every request is observed (request id, metrics, log line). Thread appends mostly come by api_shim/hot.py
+    # instead, straight from the protocol.
+    return observe.Observe(app)

@@ -8,6 +8,7 @@ summed.
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
 import re
@@ -46,8 +47,10 @@ class Observe:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
-        request_id = _request_id(scope)
+        await self.observe(scope, receive, send, time.perf_counter(), request_id_of(scope["headers"]))
+
+    async def observe(self, scope: Scope, receive: Receive, send: Send, start: float, request_id: str) -> None:
+        """The app's answer to a request that began at `start` (api_shim/hot.py's refusals come here late)."""
         scope.setdefault("state", {})["request_id"] = request_id
         client_address.set(scope["client"][0] if scope.get("client") else None)
         code = 500
@@ -62,17 +65,21 @@ class Observe:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            seconds = time.perf_counter() - start
             endpoint = scope.get("endpoint")
-            route = getattr(endpoint, "__name__", "unmatched")
-            _requests(route, scope["method"], code).inc()
-            _duration(route).observe(seconds)
-            # Refusals and failures are worth a line at INFO; successes only at DEBUG (thousands a second).
-            level = logging.WARNING if code >= 500 else logging.INFO if code >= 400 else logging.DEBUG
-            if log.isEnabledFor(level):
-                log.log(level, "%s %s %d", scope["method"], route, code, extra={
-                    "request_id": request_id, "route": route, "method": scope["method"], "status": code,
-                    "duration_ms": round(seconds * 1000, 2)})
+            finish(getattr(endpoint, "__name__", "unmatched"), scope["method"], code, start, request_id)
+
+
+def finish(route: str, method: str, code: int, start: float, request_id: str) -> None:
+    """Count, time and log one request, answered with `code`."""
+    seconds = time.perf_counter() - start
+    _requests(route, method, code).inc()
+    _duration(route).observe(seconds)
+    # Refusals and failures are worth a line at INFO; successes only at DEBUG (thousands a second).
+    level = logging.WARNING if code >= 500 else logging.INFO if code >= 400 else logging.DEBUG
+    if log.isEnabledFor(level):
+        log.log(level, "%s %s %d", method, route, code, extra={
+            "request_id": request_id, "route": route, "method": method, "status": code,
+            "duration_ms": round(seconds * 1000, 2)})
 
 
 # A client's request id is kept only if it is plainly an id: it is echoed, logged and carried in operations,
@@ -91,11 +98,17 @@ def _duration(route: str) -> Histogram:
     return DURATION.labels(route)
 
 
-def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
+# A new request id is this process's random prefix and a count: as unique as 16 random hex digits would be
+# for joining log lines, without reading the system's random source on every request.
+_ID_PREFIX = secrets.token_hex(4)
+_id_counter = itertools.count()
+
+
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
         if name == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
             return str(value.decode())
-    return secrets.token_hex(8)
+    return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
 def request_id(request: Request) -> str:

@@ -16,14 +16,17 @@ cost the sweep a third of a millisecond.
 import asyncio
 import logging
 import resource
+import time
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from api_shim import observe
+from api_shim.hot import HOT_PATH, Append, HotPath, proxy_for
 from schema.settings import Settings, get_settings
 
 log = logging.getLogger("ingest.server")
@@ -35,6 +38,7 @@ BODY_TIMED_OUT = "ingest.body_timed_out"
 # How often the sweep looks for connections past their deadline: so much late a connection may be closed.
 SWEEP_SECONDS = 0.25
 _CLOSE_SLICE = 50
+_NO_CONTENT = STATUS_LINE[204]
 # File descriptors besides the clients' that a server process needs: its listening socket, the PostgreSQL and
 # Redis pools, log files, the interpreter's own.
 _SPARE_FILES = 1024
@@ -48,6 +52,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: float | None = None
         self._awaiting_body = False
         self._in_message = False  # some of a request has arrived, not yet all of it
+        self._proxy = proxy_for(config.forwarded_allow_ips) if config.proxy_headers else None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self._settings.max_connections:
@@ -68,10 +73,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._arm(self._settings.body_timeout_seconds, body=True)
+        hot: HotPath | None = self.app_state.get(HOT_PATH)
+        # The direct path, for a plain thread append that no other request on this connection is ahead of.
+        if (hot is not None and (self.cycle is None or self.cycle.response_complete) and not self.pipeline
+                and self.parser.get_method() == b"POST" and self.parser.get_http_version() == "1.1"
+                and not self.parser.should_upgrade()):
+            append = hot.take(self.url, self.headers, self.parser.should_keep_alive(), self.scope,
+                              time.perf_counter())
+            if append is not None:
+                self.cycle = append  # type: ignore[assignment]  # uvicorn reads the same attributes of it
+                # Started now, as uvicorn starts the app: what needs no body (a 401, a 404) is answered at once.
+                task = self.loop.create_task(self._answer(append, hot))
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)  # the server waits for these at shutdown
+                return
         super().on_headers_complete()
+
+    def _append(self) -> Append | None:
+        """The request under way, if it takes the direct path."""
+        cycle: object = self.cycle
+        return cycle if type(cycle) is Append else None
+
+    def on_body(self, body: bytes) -> None:
+        if (append := self._append()) is not None:
+            append.chunks.append(body)  # no more than its Content-Length, which is within the limit
+            return
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        if (append := self._append()) is not None:
+            self._deadline = None  # the request is ours now, as below
+            append.complete = True
+            append.set()
+            return
         if self.cycle is not None and self.cycle.response_complete:
             # Answered before its body was all in (see on_response_complete): the next request is due now.
             self._arm(self._settings.header_timeout_seconds, body=False)
@@ -79,6 +114,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # The request is the application's now: how long it takes to answer is not the client's doing.
             self._deadline = None
         super().on_message_complete()
+
+    async def _answer(self, append: Append, hot: HotPath) -> None:
+        refused = await hot.accept(append, self._proxy)
+        if refused is not None:
+            # Answered by the app's handlers, on a request cycle of uvicorn's as the general path's would be.
+            cycle = RequestResponseCycle(
+                scope=append.scope, transport=self.transport, flow=self.flow, logger=self.logger,
+                access_logger=self.access_logger, access_log=self.access_log,
+                default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
+                expect_100_continue=False, keep_alive=append.keep_alive, on_response=self.on_response_complete)
+            cycle.more_body = False
+            cycle.disconnected = append.disconnected
+            self.cycle = cycle
+            await cycle.run_asgi(cast(Any, hot.refusal(append, refused)))
+            return
+        if not append.disconnected:
+            self.transport.write(b"".join([
+                _NO_CONTENT, *[b"%s: %s\r\n" % header for header in self.server_state.default_headers],
+                b"x-request-id: ", append.request_id.encode(), b"\r\n",
+                b"\r\n" if append.keep_alive else b"connection: close\r\n\r\n"]))
+        append.response_started = append.response_complete = True
+        observe.finish("thread_append", "POST", 204, append.started, append.request_id)
+        if not append.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

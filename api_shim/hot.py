@@ -6,10 +6,10 @@ validating its tests (issue 12's profile). So the server's protocol (`api_shim/s
 once a request's headers are in, whether it is a plain thread append; if so, it starts `HotPath.accept` at once
 (as uvicorn starts the app: what needs no body, a 401 or a 404, is answered before the body is in), gathers the
 body itself, and `HotPath.accept` hands it to `writes.accept_thread_append`, the same function the route calls;
-then the protocol writes the 204. Anything unusual (another method or path, a query string, no Content-Length, a compressed
-body, `Expect: 100-continue`, a request pipelined behind another) goes the general way, through the routes of
-`app.py`. A refusal is answered by the app's own exception handlers (`app.error_for`), so it reads exactly as
-on the general path; requests are counted, timed and logged by `observe.finish` on both.
+then the protocol writes the 204. Anything unusual (another method or path, a query string, no Content-Length,
+a compressed body, `Expect: 100-continue`, a request pipelined behind another) goes the general way, through
+the routes of `app.py`. A refusal is answered by the app's own exception handlers (`app.error_for`), so it
+reads exactly as on the general path; requests are counted, timed and logged by `observe.finish` on both.
 """
 
 import asyncio

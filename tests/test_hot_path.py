@@ -3,6 +3,7 @@ so they must read exactly as the routes answer them, and leave the other request
 place. The routes' answers come from the app served in this process (tests/inprocess.py), which has no protocol
 and so no direct path; the direct path's from the real shim of the pipeline."""
 
+import asyncio
 import json
 import socket
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from conftest import Pipeline, Project
 from inprocess import InProcess
 from support import TEST_REDIS_URL, make_tests
 
-from api_shim.hot import HotPath
+from api_shim.hot import HotPath, proxy_for
 from schema.settings import Settings
 
 
@@ -39,6 +40,9 @@ REFUSED = {
     "a string too long": (body(tests=[{"key": "k" * 256, "name": "n", "status": "passed"}]), {}),
     "no token": (body(tests=make_tests(1)), {"Authorization": ""}),
     "an unknown token": (body(tests=make_tests(1)), {"Authorization": "Bearer not-a-token"}),
+    # The client behind a proxy is found by uvicorn's own middleware, as for every other request.
+    "an unknown token, behind a proxy": (body(tests=make_tests(1)), {"Authorization": "Bearer not-a-token",
+                                                                   "X-Forwarded-For": "203.0.113.9"}),
     "a bad idempotency key": (body(tests=make_tests(1)), {"Idempotency-Key": "k" * 300}),
 }
 
@@ -85,7 +89,7 @@ def test_an_accepted_append_reads_as_the_routes_accept_it(project: Project, rout
     run_id = project.api.create_run(project.id)
     thread_id = project.api.create_thread(run_id)
     direct, general = answers(project, routes, f"/automation/runs/threads/{thread_id}/append",
-                              body(tests=make_tests(5)), {"X-Request-ID": "ci-job-7"})
+                              body(tests=make_tests(5)), {"X-Request-ID": "ci-job-7", "X-Forwarded-For": "10.1.2.3"})
     assert (direct.status_code, direct.content, direct.headers["x-request-id"]) == (204, b"", "ci-job-7")
     assert (general.status_code, general.content, general.headers["x-request-id"]) == (204, b"", "ci-job-7")
     assert "content-length" not in direct.headers and "transfer-encoding" not in direct.headers
@@ -162,3 +166,16 @@ def test_only_plain_appends_take_the_direct_path() -> None:
     for name, value in ((b"content-encoding", b"gzip"), (b"transfer-encoding", b"chunked"),
                         (b"expect", b"100-continue")):
         assert take(url, *plain, (name, value)) is None, name
+
+
+def test_the_client_behind_a_proxy_is_the_one_uvicorn_finds() -> None:
+    """Failed tokens are charged to the client's address (api_shim/auth.py): behind a trusted proxy, the one it
+    forwards; from anywhere else, the peer's, whatever it claims."""
+    proxy = proxy_for("127.0.0.1")
+
+    async def nothing(*_: Any) -> Any:
+        return None
+    for peer, client in ((("127.0.0.1", 5), ("203.0.113.9", 0)), (("10.0.0.1", 5), ("10.0.0.1", 5))):
+        scope = {"type": "http", "client": peer, "headers": [(b"x-forwarded-for", b"203.0.113.9")]}
+        asyncio.run(proxy(scope, nothing, nothing))
+        assert scope["client"] == client

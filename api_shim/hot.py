@@ -130,13 +130,11 @@ class HotPath:
         scope = append.scope
         scope.update(method="POST", path=append.url.decode("ascii"), raw_path=append.url, query_string=b"",
                      endpoint=writes.thread_append, app=self.app)
-        scope["state"]["request_id"] = append.request_id
         answer = self.error_for(scope, exc)
 
         async def observed(scope: Scope, receive: Receive, send: Send) -> None:
             await observe.Observe(answer).observe(scope, receive, send, append.started, append.request_id)
         return observed
-
 
 
 def proxy_for(forwarded_allow_ips: Any) -> ProxyHeadersMiddleware:

@@ -8,7 +8,6 @@ import msgspec
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive
 
 from api_shim import problems
 from api_shim.errors import NOT_JSON, ApiError, invalid_body, not_found
@@ -32,12 +31,7 @@ def path_id(request: Request, name: str, what: str) -> int:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to pass `limit` (before it is all read)."""
-    return await receive_body(request.headers.get("content-encoding"), request.headers.get("content-length"),
-                              request.receive, limit)
-
-
-async def receive_body(encoding: str | None, declared: str | None, receive: Receive, limit: int) -> bytes:
-    """`read_body` from the ASGI messages themselves (api_shim/hot.py has no Request)."""
+    encoding, declared = request.headers.get("content-encoding"), request.headers.get("content-length")
     if encoding is not None and encoding.lower() != "identity":
         raise ApiError(415, "Compressed request bodies are not supported.")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -45,7 +39,7 @@ async def receive_body(encoding: str | None, declared: str | None, receive: Rece
     chunks = []
     size = 0
     while True:
-        message = await receive()
+        message = await request.receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         chunk = message.get("body", b"")

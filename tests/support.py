@@ -376,3 +376,26 @@ class HoldingProxy:
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
             source.close()
+
+
+def read_responses(sock: socket.socket, n: int, timeout: float = 10.0) -> list[tuple[int, dict[str, str], bytes]]:
+    """`n` responses from a raw socket, in the order the server wrote them: status, headers (lower-case names)
+    and body (by Content-Length)."""
+    sock.settimeout(timeout)
+    data, out = b"", []
+    while len(out) < n:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed before a response, after {len(out)}: {data!r}"
+            data += chunk
+        head, data = data.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode().split("\r\n")
+        headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+        length = int(headers.get("content-length", 0))
+        while len(data) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed inside a response body"
+            data += chunk
+        out.append((int(status_line.split()[1]), headers, data[:length]))
+        data = data[length:]
+    return out

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from conftest import Pipeline, Project
 from inprocess import InProcess
-from support import TEST_REDIS_URL, make_tests
+from support import TEST_REDIS_URL, make_tests, read_responses
 
 from api_shim.hot import HotPath, proxy_for
 from schema.settings import Settings
@@ -95,26 +95,6 @@ def test_an_accepted_append_reads_as_the_routes_accept_it(project: Project, rout
     assert "content-length" not in direct.headers and "transfer-encoding" not in direct.headers
     assert project.api.post(f"/automation/runs/{run_id}/complete", {}).status_code == 204
     assert project.api.wait_completed(run_id)["total_count"] == 10
-
-
-def read_responses(sock: socket.socket, n: int) -> list[tuple[int, dict[str, str], bytes]]:
-    """`n` responses in the order the server wrote them on one connection."""
-    sock.settimeout(10)
-    data, out = b"", []
-    while len(out) < n:
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {len(out)} responses"
-            data += chunk
-        head, data = data.split(b"\r\n\r\n", 1)
-        status, *lines = head.decode().split("\r\n")
-        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-        length = int(headers.get("content-length", 0))
-        while len(data) < length:
-            data += sock.recv(65536)
-        out.append((int(status.split()[1]), headers, data[:length]))
-        data = data[length:]
-    return out
 
 
 def test_pipelined_requests_are_answered_in_order(pipeline: Pipeline, project: Project) -> None:

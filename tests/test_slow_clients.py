@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import POSTS, ROOT, Api, Service, make_tests, service_env, start_api, unique
+from support import POSTS, ROOT, Api, Service, make_tests, read_responses, service_env, start_api, unique
 
 from ingest.admin import Admin
 
@@ -90,20 +90,8 @@ def append_body(n: int = 10) -> bytes:
 
 def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
     """One response from a raw socket: status, headers (lower-case names) and body (by Content-Length)."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before a response: {data!r}"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    status_line, *lines = head.decode().split("\r\n")
-    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
-    while len(body) < int(headers.get("content-length", 0)):
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed inside a response body"
-        body += chunk
-    return int(status_line.split()[1]), headers, body
+    [response] = read_responses(sock, 1, timeout)
+    return response
 
 
 def closed_by_server(sock: socket.socket, timeout: float) -> bytes:

@@ -6,13 +6,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
+import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import ResponseError
 from support import TEST_REDIS_URL, unique
 
 from api_shim.queue import Queue
-from schema.messages import run_key, thread_key
-from schema.protocol import ThreadOp
+from schema.messages import pending_key, run_key, thread_key
+from schema.protocol import THREAD_CAPS, Batch, ThreadOp
 from schema.status import STATS_KEY
 
 T = TypeVar("T")
@@ -71,18 +73,78 @@ def test_a_mixed_batch_records_each_completes_own_count(redis_client: "redis.Red
         await open_thread(queue, r, a)
         await open_thread(queue, r, b)
         return await queue.thread_ops([
-            append(r, a, tricky), append(r, b), append(r, a), complete(r, a), append(r, b), complete(r, b),
+            append(r, a, tricky), append(r, b), append(r, a), complete(r, a), append(r, b), append(r, b),
+            complete(r, b),
         ])
 
     assert run(step, queue_name=name) == "ok"
     assert redis_client.llen(name) == 1
     batch = newest_batch(redis_client, name)
-    assert [op["kind"] for op in batch] == ["thread.append"] * 3 + ["thread.complete", "thread.append",
-                                                                     "thread.complete"]
+    # The completes go last (only they pass through the script), each with the count of its own thread.
+    assert [op["kind"] for op in batch] == ["thread.append"] * 5 + ["thread.complete"] * 2
+    assert [op["thread_id"] for op in batch] == [a, b, a, b, b, a, b]
     assert batch[0]["results"][0][2] == tricky
-    assert (batch[3]["expected"], batch[5]["expected"]) == (2, 2)
-    assert redis_client.hget(run_key(r), "ops") == b"6"
+    assert (batch[5]["expected"], batch[6]["expected"]) == (2, 3)
+    assert redis_client.hget(run_key(r), "ops") == b"7"
     assert redis_client.hmget(thread_key(a), ["closed", "appends"]) == [b"1", b"2"]
+    assert redis_client.hmget(thread_key(b), ["closed", "appends"]) == [b"1", b"3"]
+
+
+@pytest.mark.parametrize("ops", ["a", "c", "ac", "cc", "aca"])
+def test_a_batch_is_stored_whole_whatever_mix_of_appends_and_completes_it_holds(
+        redis_client: "redis.Redis[bytes]", ops: str) -> None:
+    name = unique("q")
+    r, *threads = ids(1 + len(ops))
+
+    async def step(queue: Queue) -> Any:
+        for t in threads:
+            await open_thread(queue, r, t)
+        return await queue.thread_ops([append(r, t) if kind == "a" else complete(r, t)
+                                       for kind, t in zip(ops, threads, strict=True)])
+
+    assert run(step, queue_name=name) == "ok"
+    batch = newest_batch(redis_client, name)
+    kinds = sorted(ops, key=lambda kind: kind == "c")
+    assert [op["kind"][len("thread."):][0] for op in batch] == kinds
+    assert [op.get("expected") for op in batch] == [0 if kind == "c" else None for kind in kinds]
+
+
+def test_a_refused_batch_leaves_no_payload_and_an_enqueued_one_is_kept(redis_client: "redis.Redis[bytes]") -> None:
+    name = unique("q")
+    r, t = ids(2)
+    refused, enqueued = Batch.new(name), Batch.new(name)
+
+    async def step(queue: Queue) -> Any:
+        await open_thread(queue, r, t)
+        first = await queue.scripts.thread_ops(refused, [append(r, t), complete(r, t), append(r, t)],
+                                               [run_key(r)] * 3, [thread_key(t)] * 3)
+        second = await queue.scripts.thread_ops(enqueued, [append(r, t)], [run_key(r)], [thread_key(t)])
+        return first, second
+
+    assert run(step, queue_name=name) == (["ok", "ok", "closed"], "ok")
+    assert redis_client.exists(refused.key) == 0
+    assert redis_client.ttl(enqueued.key) == -1  # stored for good: no longer the head's TTL
+    assert redis_client.lrange(pending_key(name), 0, -1) == [enqueued.key.encode()]
+
+
+def test_a_script_whose_payload_head_is_gone_writes_nothing(redis_client: "redis.Redis[bytes]") -> None:
+    name = unique("q")
+    r, t = ids(2)
+    batch = Batch.new(name)
+
+    async def step(queue: Queue) -> Any:
+        await open_thread(queue, r, t)
+        ops = [append(r, t)]
+        # The script alone, as if its head's SET had expired before it ran.
+        with pytest.raises(ResponseError, match="head is not stored"):
+            await queue.scripts._thread_ops(keys=[*batch.keys(), run_key(r), thread_key(t)], args=[
+                *batch.args(), 60, 60, 60, "a", 1, THREAD_CAPS, ",", ",", "]"])
+        return await queue.thread_ops(ops)
+
+    assert run(step, queue_name=name) == "ok"
+    assert redis_client.exists(batch.key) == 0
+    assert redis_client.llen(name) == 1  # only the second try's
+    assert redis_client.hget(thread_key(t), "appends") == b"1"
 
 
 def test_an_append_behind_a_complete_of_its_thread_is_refused_and_nothing_is_enqueued(

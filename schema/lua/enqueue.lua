@@ -11,13 +11,18 @@ local function full(batch)
       or (batch.max_bytes > 0 and tonumber(redis.call('HGET', batch.stats, 'queued_bytes') or '0') >= batch.max_bytes)
 end
 
--- Store the batch, count what it costs, push the Celery message naming it, and note it in the pending list,
+-- Count what the stored batch costs, push the Celery message naming it, and note it in the pending list,
 -- where a worker applying one batch finds others to apply in the same transaction.
-local function enqueue(batch, payload)
-  redis.call('SET', batch.key, payload)
-  redis.call('HINCRBY', batch.stats, 'queued_bytes', accounted(string.len(payload)))
+local function push(batch)
+  redis.call('HINCRBY', batch.stats, 'queued_bytes', accounted(redis.call('STRLEN', batch.key)))
   redis.call('LPUSH', batch.queue, batch.message)
   redis.call('RPUSH', batch.pending, batch.key)
+end
+
+-- Store the batch and push it.
+local function enqueue(batch, payload)
+  redis.call('SET', batch.key, payload)
+  push(batch)
 end
 
 -- The resources a run or thread would hold with `add` ("fields:links:artifacts:bytes") on top of `held` (the

@@ -9,7 +9,11 @@
 -- KEYS: the batch's four keys, then a (run, thread) pair per operation.
 -- ARGV: the batch's message and marks, then open ttl, closed ttl, idempotency ttl, the kinds ("naac..."),
 --       results in the appends, a thread's caps, then per operation its resources and its idempotency key
---       (each "...," in one string), then the payload in pieces: each complete's count goes between two.
+--       (each "...," in one string), then the end of the payload in pieces: each complete's count goes
+--       between two.
+-- The payload's head (its new threads and appends, all but the completes) is at the batch's key already,
+-- stored with a TTL by a plain SET just before: this deletes it if nothing is enqueued, and otherwise adds
+-- the end and keeps it.
 local batch = {queue = KEYS[1], pending = KEYS[2], key = KEYS[3], stats = KEYS[4], message = ARGV[1],
                max_messages = tonumber(ARGV[2]), max_bytes = tonumber(ARGV[3])}
 local open_ttl, closed_ttl, idem_ttl = ARGV[4], ARGV[5], ARGV[6]
@@ -66,7 +70,12 @@ for i = 1, n do
   if verdict ~= 'ok' then blocked = true end
   verdicts[i] = verdict
 end
-if blocked then return verdicts end
+if blocked then
+  redis.call('DEL', batch.key)
+  return verdicts
+end
+-- (Gone only if this runs over a minute after its SET: then nothing is written, and the requests fail.)
+if redis.call('PERSIST', batch.key) ~= 1 then return redis.error_reply('ERR the batch head is not stored') end
 
 for thread, now in pairs(grown) do keep(thread, now) end
 local payload, piece, appends = {ARGV[first_piece]}, first_piece + 1, 0
@@ -94,7 +103,8 @@ for i = 1, n do
     remember(idems[i], '', idem_ttl)
   end
 end
-enqueue(batch, table.concat(payload))
+redis.call('APPEND', batch.key, table.concat(payload))
+push(batch)
 if appends > 0 then
   redis.call('HINCRBY', batch.stats, 'appends_accepted', appends)
   redis.call('HINCRBY', batch.stats, 'results_accepted', results)

@@ -54,8 +54,10 @@ RUN_CAPS = f"{OBJECT_ITEMS_MAX}:{OBJECT_ITEMS_MAX}:{OBJECT_ITEMS_MAX}:{OBJECT_BY
 THREAD_CAPS = f"{OBJECT_ITEMS_MAX}:0:{OBJECT_ITEMS_MAX}:{OBJECT_BYTES_MAX}"
 NO_RESOURCES = "0:0:0:0"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
-# A thread batch's payload head, stored just before its script runs, outlives a script that never runs (a
-# connection lost in between) by this long.
+# A thread batch's payload head over SCRIPT_HEAD_BYTES is stored just before its script runs, and outlives a
+# script that never runs (a connection lost in between) by HEAD_TTL_SECONDS. The size is where the pipeline
+# this takes costs the shim (30 µs) what the bytes would cost Redis in the script.
+SCRIPT_HEAD_BYTES = 32 * 1024
 HEAD_TTL_SECONDS = 60
 
 _ORIGIN = f"ingest@{socket.gethostname()}:{os.getpid()}"
@@ -192,11 +194,12 @@ class ShimScripts:
         keys = batch.keys()
         for run, thread in zip(run_keys, thread_keys, strict=True):
             keys += [run, thread]
-        # The payload, the JSON list of the ops, goes to its key by a plain SET just ahead of the script: a
-        # megabyte passed to a script costs Redis some 2 ms (it is copied into Lua and out again), a SET a few
-        # µs. Only the completes, put last, go through the script, cut where each one's count goes. (In a batch
-        # that is enqueued no append follows its thread's complete: the script refuses that. So putting the
-        # completes last changes no count, and the worker applies a batch's ops whatever their order.)
+        # The payload is the JSON list of the ops, the completes last, cut where each complete's count goes.
+        # (In a batch that is enqueued no append follows its thread's complete: the script refuses that. So
+        # putting the completes last changes no count, and the worker applies a batch's ops in any order.)
+        # What comes before the completes, the head, is most of it; a big head goes to its key by a plain SET
+        # just ahead of the script, since bytes passed to a script cost Redis 1.3 µs a KB (copied into Lua and
+        # out again) and a SET next to nothing; a small one goes with the script, sparing the shim a pipeline.
         head = [b"["]
         for op in ops:
             if op.kind != "c":
@@ -211,16 +214,22 @@ class ShimScripts:
                 pieces.append(current + joiner + before)
                 current, joiner = after, b","
         pieces.append(current + b"]")
+        payload_head = b"".join(head)
+        stored = len(payload_head) > SCRIPT_HEAD_BYTES
         args = [*batch.args(), OPEN_TTL_SECONDS, CLOSED_TTL_SECONDS, IDEMPOTENCY_TTL_SECONDS,
                 "".join(op.kind for op in ops), sum(op.results for op in ops), THREAD_CAPS,
-                "".join(op.resources + "," for op in ops), "".join(op.idem + "," for op in ops), *pieces]
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.set(batch.key, b"".join(head), ex=HEAD_TTL_SECONDS)
-        pipe.evalsha(self._thread_ops.sha, len(keys), *keys, *args)
-        try:
-            verdict = (await pipe.execute())[1]
-        except NoScriptError:  # Redis restarted, or its scripts were flushed: the head is stored all the same
+                "".join(op.resources + "," for op in ops), "".join(op.idem + "," for op in ops),
+                b"" if stored else payload_head, *pieces]
+        if not stored:
             verdict = await self._thread_ops(keys=keys, args=args)
+        else:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(batch.key, payload_head, ex=HEAD_TTL_SECONDS)
+            pipe.evalsha(self._thread_ops.sha, len(keys), *keys, *args)
+            try:
+                verdict = (await pipe.execute())[1]
+            except NoScriptError:  # Redis restarted, or its scripts were flushed: the head is stored anyway
+                verdict = await self._thread_ops(keys=keys, args=args)
         return [_text(v) for v in verdict] if isinstance(verdict, list) else _text(verdict)
 
     async def run_create(self, batch: Batch, run_key: str, project_id: int, op: bytes, resources: str,

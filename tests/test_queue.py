@@ -14,7 +14,7 @@ from support import TEST_REDIS_URL, unique
 
 from api_shim.queue import Queue
 from schema.messages import pending_key, run_key, thread_key
-from schema.protocol import THREAD_CAPS, Batch, ThreadOp
+from schema.protocol import SCRIPT_HEAD_BYTES, THREAD_CAPS, Batch, ThreadOp
 from schema.status import STATS_KEY
 
 T = TypeVar("T")
@@ -90,16 +90,21 @@ def test_a_mixed_batch_records_each_completes_own_count(redis_client: "redis.Red
     assert redis_client.hmget(thread_key(b), ["closed", "appends"]) == [b"1", b"3"]
 
 
+# A name this long makes an append's op bigger than what goes to Redis through the script itself.
+BIG = "n" * SCRIPT_HEAD_BYTES
+
+
+@pytest.mark.parametrize("name_of_a", ["t", BIG], ids=["small", "big"])
 @pytest.mark.parametrize("ops", ["a", "c", "ac", "cc", "aca"])
 def test_a_batch_is_stored_whole_whatever_mix_of_appends_and_completes_it_holds(
-        redis_client: "redis.Redis[bytes]", ops: str) -> None:
+        redis_client: "redis.Redis[bytes]", ops: str, name_of_a: str) -> None:
     name = unique("q")
     r, *threads = ids(1 + len(ops))
 
     async def step(queue: Queue) -> Any:
         for t in threads:
             await open_thread(queue, r, t)
-        return await queue.thread_ops([append(r, t) if kind == "a" else complete(r, t)
+        return await queue.thread_ops([append(r, t, name_of_a) if kind == "a" else complete(r, t)
                                        for kind, t in zip(ops, threads, strict=True)])
 
     assert run(step, queue_name=name) == "ok"
@@ -107,23 +112,27 @@ def test_a_batch_is_stored_whole_whatever_mix_of_appends_and_completes_it_holds(
     kinds = sorted(ops, key=lambda kind: kind == "c")
     assert [op["kind"][len("thread."):][0] for op in batch] == kinds
     assert [op.get("expected") for op in batch] == [0 if kind == "c" else None for kind in kinds]
+    assert [op["results"][0][2] for op in batch if "results" in op] == [name_of_a] * ops.count("a")
 
 
-def test_a_refused_batch_leaves_no_payload_and_an_enqueued_one_is_kept(redis_client: "redis.Redis[bytes]") -> None:
+@pytest.mark.parametrize("name_of_a", ["t", BIG], ids=["small", "big"])
+def test_a_refused_batch_leaves_no_payload_and_an_enqueued_one_is_kept(
+        redis_client: "redis.Redis[bytes]", name_of_a: str) -> None:
     name = unique("q")
     r, t = ids(2)
     refused, enqueued = Batch.new(name), Batch.new(name)
 
     async def step(queue: Queue) -> Any:
         await open_thread(queue, r, t)
-        first = await queue.scripts.thread_ops(refused, [append(r, t), complete(r, t), append(r, t)],
-                                               [run_key(r)] * 3, [thread_key(t)] * 3)
-        second = await queue.scripts.thread_ops(enqueued, [append(r, t)], [run_key(r)], [thread_key(t)])
+        first = await queue.scripts.thread_ops(
+            refused, [append(r, t, name_of_a), complete(r, t), append(r, t, name_of_a)], [run_key(r)] * 3,
+            [thread_key(t)] * 3)
+        second = await queue.scripts.thread_ops(enqueued, [append(r, t, name_of_a)], [run_key(r)], [thread_key(t)])
         return first, second
 
     assert run(step, queue_name=name) == (["ok", "ok", "closed"], "ok")
     assert redis_client.exists(refused.key) == 0
-    assert redis_client.ttl(enqueued.key) == -1  # stored for good: no longer the head's TTL
+    assert redis_client.ttl(enqueued.key) == -1  # stored for good: a big head no longer has its TTL
     assert redis_client.lrange(pending_key(name), 0, -1) == [enqueued.key.encode()]
 
 
@@ -138,7 +147,7 @@ def test_a_script_whose_payload_head_is_gone_writes_nothing(redis_client: "redis
         # The script alone, as if its head's SET had expired before it ran.
         with pytest.raises(ResponseError, match="head is not stored"):
             await queue.scripts._thread_ops(keys=[*batch.keys(), run_key(r), thread_key(t)], args=[
-                *batch.args(), 60, 60, 60, "a", 1, THREAD_CAPS, ",", ",", "]"])
+                *batch.args(), 60, 60, 60, "a", 1, THREAD_CAPS, ",", ",", "", "]"])
         return await queue.thread_ops(ops)
 
     assert run(step, queue_name=name) == "ok"

@@ -9,11 +9,12 @@
 -- KEYS: the batch's four keys, then a (run, thread) pair per operation.
 -- ARGV: the batch's message and marks, then open ttl, closed ttl, idempotency ttl, the kinds ("naac..."),
 --       results in the appends, a thread's caps, then per operation its resources and its idempotency key
---       (each "...," in one string), then the end of the payload in pieces: each complete's count goes
+--       (each "...," in one string), then the payload's head (its new threads and appends, all but the
+--       completes) or '' (see below), then the rest of the payload in pieces: each complete's count goes
 --       between two.
--- The payload's head (its new threads and appends, all but the completes) is at the batch's key already,
--- stored with a TTL by a plain SET just before: this deletes it if nothing is enqueued, and otherwise adds
--- the end and keeps it.
+-- A big head comes not here but to the batch's key, with a TTL, by a plain SET just before (passing a
+-- megabyte to a script costs Redis milliseconds): this deletes it if nothing is enqueued, and keeps it if
+-- the batch is.
 local batch = {queue = KEYS[1], pending = KEYS[2], key = KEYS[3], stats = KEYS[4], message = ARGV[1],
                max_messages = tonumber(ARGV[2]), max_bytes = tonumber(ARGV[3])}
 local open_ttl, closed_ttl, idem_ttl = ARGV[4], ARGV[5], ARGV[6]
@@ -21,7 +22,7 @@ local kinds, results, caps = ARGV[7], ARGV[8], ARGV[9]
 local resources, idems = {}, {}
 for part in string.gmatch(ARGV[10], '([^,]*),') do resources[#resources + 1] = part end
 for part in string.gmatch(ARGV[11], '([^,]*),') do idems[#idems + 1] = part end
-local first_piece = 12
+local head, first_piece = ARGV[12], 13
 local function run_of(i) return KEYS[2 * i + 3] end
 local function thread_of(i) return KEYS[2 * i + 4] end
 
@@ -75,7 +76,9 @@ if blocked then
   return verdicts
 end
 -- (Gone only if this runs over a minute after its SET: then nothing is written, and the requests fail.)
-if redis.call('PERSIST', batch.key) ~= 1 then return redis.error_reply('ERR the batch head is not stored') end
+if head == '' and redis.call('PERSIST', batch.key) ~= 1 then
+  return redis.error_reply('ERR the batch head is not stored')
+end
 
 for thread, now in pairs(grown) do keep(thread, now) end
 local payload, piece, appends = {ARGV[first_piece]}, first_piece + 1, 0
@@ -103,6 +106,7 @@ for i = 1, n do
     remember(idems[i], '', idem_ttl)
   end
 end
+if head ~= '' then redis.call('SET', batch.key, head) end
 redis.call('APPEND', batch.key, table.concat(payload))
 push(batch)
 if appends > 0 then

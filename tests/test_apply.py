@@ -9,12 +9,14 @@ from typing import Any
 import orjson
 import pytest
 from conftest import count_results
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from support import unique
 
 from schema.messages import Op
 from schema.requests import ThreadAppend, validate
 from schema.statuses import COUNT_COLUMNS, DEFAULT_STATUSES, alias_map
+from worker import apply as apply_module
+from worker import tasks
 from worker.apply import Outcome, apply_ops, decode_batch
 
 
@@ -248,3 +250,35 @@ def test_parallel_workers_with_duplicates_neither_deadlock_nor_miscount(engine: 
     assert counts(run) == expected == count_results(engine, seed.run)
     assert run["ops_applied"] == len(appends)
     assert sum(seed.thread_row(i)["appends_applied"] for i in range(6)) == len(appends)
+
+
+def test_an_append_whose_thread_is_completed_while_its_results_are_copied_is_applied_again_and_refused(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The results go in before the thread's row is locked: a run completed by the sweeper in between (it
+    locks the thread first) must not get them. The batch is rolled back and applied again, which refuses the
+    append as it would have from the start."""
+    seed = Seed(engine, threads=1)
+    seed.apply(seed.append(0, [PASSED]))
+    before = seed.thread_row(0)
+    late = seed.append(0, [FAILED, FAILED])
+    real_lock = apply_module.lock_threads
+    raced: list[int] = []
+
+    def lock_after_a_completion(conn: Connection, ids: list[int]) -> Any:
+        if not raced:
+            with engine.begin() as other:
+                raced.append(apply_module.force_complete_run(other, seed.run, "timeout") or 0)
+        return real_lock(conn, ids)
+
+    monkeypatch.setattr(apply_module, "lock_threads", lock_after_a_completion)
+    monkeypatch.setattr(tasks, "unit_of_work", engine.begin)
+    outcome = tasks.apply_batch([late])
+
+    assert raced and outcome.applied == 0 and outcome.results == 0
+    assert count_results(engine, seed.run) == {PASSED: 1}
+    thread = seed.thread_row(0)
+    assert thread["is_completed"] and thread["appends_applied"] == before["appends_applied"] == 1
+    assert [thread[c] for c in COUNT_COLUMNS] == [before[c] for c in COUNT_COLUMNS]
+    with engine.connect() as conn:
+        error = conn.execute(text("SELECT error FROM dead_letters WHERE op_id = :id"), {"id": late["id"]})
+        assert error.scalar_one() == "thread already completed"

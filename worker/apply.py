@@ -5,14 +5,17 @@ The order of work in `apply_ops` is what keeps parallel workers correct and free
 
 1. claim the operation ids (sorted), so that a redelivered operation is skipped (and one that arrives after
    its dedupe window is dead-lettered);
-2. lock the threads concerned (sorted by id), compute their new state in Python from the locked rows,
-   write the results by COPY and each thread's new state with one UPDATE;
+2. write the appends' results by COPY, their threads read without a lock; then lock the threads concerned
+   (sorted by id), add what the appends added to the locked rows in Python, apply the completes, and write
+   each thread's new state with one UPDATE. (A thread found completed under the lock that was open when read
+   rolls the batch back, to be applied again from the start: `Raced`.)
 3. lock the runs concerned (sorted by id), add the threads' changes, and finalise any run whose
    completion barrier is met.
 
-Every transaction takes its locks in that order: claims, threads, runs. Finalising a run then locks the
-run's remaining open threads after the run itself. That is safe: a run is finalised only once every
-operation accepted for it has been applied, so no other transaction holds or waits for those threads.
+Every transaction takes its locks in that order: claims, threads, runs; copying results takes none that
+another waits on. Finalising a run then locks the run's remaining open threads after the run itself. That
+is safe: a run is finalised only once every operation accepted for it has been applied, so no other
+transaction holds or waits for those threads.
 """
 
 from collections import Counter
@@ -45,6 +48,7 @@ from worker.store import (
     longest_thread_elapsed,
     present,
     status_aliases,
+    thread_additions,
     write_run,
     write_threads,
 )
@@ -132,22 +136,37 @@ def apply_ops(conn: Connection, ops: list[Op]) -> Outcome:
     insert_threads(conn, [op for op in fresh if op["kind"] == "thread.create"])
     outcome.runs_created = [(op["run_id"], op["project_id"]) for op in fresh if op["kind"] == "run.create"]
 
-    # Threads.
-    threads = lock_threads(conn, sorted({t for op in fresh if (t := thread_of(op)) is not None}))
+    # Threads. The appends' results are copied in before the threads' rows are locked: a fleet's busy threads
+    # are in every batch, and batches on the same threads then copy at the same time, queueing only for the
+    # short rest of their transactions. Until the lock, what the appends add is kept apart from the counts:
+    # their rows depend on no count, only on the thread being open, which the lock then confirms.
+    thread_ids = sorted({t for op in fresh if (t := thread_of(op)) is not None})
+    added = thread_additions(conn, thread_ids)
     rows: list[tuple[Any, ...]] = []
-    survivors: list[Op] = []
-    for op in fresh:
-        error = None
-        if op["kind"] == "thread.append":
-            error = _thread_append(threads.get(op["thread_id"]), op, rows, aliases)
-        elif op["kind"] == "thread.complete":
-            error = _thread_complete(threads.get(op["thread_id"]), op)
-        if error:
-            outcome.dead.append((op, error))
-        else:
-            survivors.append(op)
+    errors: dict[int, str] = {}
+    for i, op in enumerate(fresh):
+        if op["kind"] == "thread.append" and (error := _thread_append(added.get(op["thread_id"]), op, rows,
+                                                                      aliases)):
+            errors[i] = error
     copy_results(conn, rows)
     outcome.results = len(rows)
+    threads = lock_threads(conn, thread_ids)
+    for thread_id, addition in added.items():
+        if addition.changed:
+            thread = threads.get(thread_id)
+            if thread is None or thread.is_completed:
+                raise Raced(thread_id)
+            _add(thread, addition)
+    survivors: list[Op] = []
+    for i, op in enumerate(fresh):
+        if op["kind"] == "thread.complete":
+            error = _thread_complete(threads.get(op["thread_id"]), op)
+            if error:
+                errors[i] = error
+        if i in errors:
+            outcome.dead.append((op, errors[i]))
+        else:
+            survivors.append(op)
     for thread in threads.values():
         if _thread_ready(thread):
             _finalise_thread(thread, failed_ids)
@@ -202,6 +221,25 @@ def waiting(conn: Connection, ops: list[Op]) -> set[int]:
     written_runs, written_threads = present(conn, runs, threads)
     missing_runs, missing_threads = runs - written_runs, threads - written_threads
     return {i for i, op in enumerate(ops) if op["run_id"] in missing_runs or thread_of(op) in missing_threads}
+
+
+class Raced(Exception):
+    """A thread an append was copied for was completed (or deleted) by another transaction before this one
+    locked it: the batch is applied again from the start, and the append then dead-lettered."""
+
+
+def _add(thread: ThreadState, addition: ThreadState) -> None:
+    """What a batch's appends added (`thread_additions`) onto the locked thread."""
+    thread.counts = [a + b for a, b in zip(thread.counts, addition.counts, strict=True)]
+    thread.delta = [a + b for a, b in zip(thread.delta, addition.delta, strict=True)]
+    thread.appends_applied += addition.appends_applied
+    for name in ("results_elapsed", "elapsed_observed", "elapsed_computed"):
+        part = getattr(addition, name)
+        if part is not None:
+            setattr(thread, name, saturating_add(getattr(thread, name), part))
+    thread.new_fields.extend(addition.new_fields)
+    thread.new_artifacts.extend(addition.new_artifacts)
+    thread.changed = True
 
 
 def thread_of(op: Op) -> int | None:

@@ -246,6 +246,18 @@ def lock_threads(conn: Connection, ids: list[int]) -> dict[int, ThreadState]:
             for row in rows}
 
 
+def thread_additions(conn: Connection, ids: list[int]) -> dict[int, ThreadState]:
+    """The threads as empty states for what a batch adds to them: their runs and whether they are completed,
+    read without a lock, and every count zero."""
+    if not ids:
+        return {}
+    rows = conn.exec_driver_sql(
+        "SELECT id, run_id, is_completed FROM automation_run_threads WHERE id = ANY(%(ids)s)", {"ids": ids})
+    return {row_id: ThreadState(row_id, run_id, is_completed, [0] * N_STATUSES, 0, None, None, None, None, None,
+                                None)
+            for row_id, run_id, is_completed in rows}
+
+
 def lock_runs(conn: Connection, ids: list[int]) -> dict[int, RunState]:
     if not ids:
         return {}

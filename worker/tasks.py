@@ -18,7 +18,7 @@ from schema.settings import get_settings
 from schema.status import STATS_KEY
 from worker import metrics
 from worker.app import app
-from worker.apply import Outcome, apply_ops, decode_batch, waiting
+from worker.apply import Outcome, Raced, apply_ops, decode_batch, waiting
 from worker.cases import fold_owed
 from worker.db import batches, unit_of_work
 from worker.store import dead_letter
@@ -201,6 +201,8 @@ def apply_batch(ops: list[Op]) -> Outcome:
                       extra={"request_id": op.get("request_id"), "run_id": op.get("run_id")})
         metrics.DEAD_LETTERS.inc(len(outcome.dead))
         return outcome
+    except Raced:  # rolled back: again, now that the thread's completion is seen from the start
+        return apply_batch(ops)
     except OperationalError:
         raise
     except Exception as exc:

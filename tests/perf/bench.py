@@ -434,11 +434,22 @@ def pids_named(name: str) -> list[int]:
     return out
 
 
+def machine_seconds() -> tuple[float, float]:
+    """The machine's CPU seconds busy and idle (waiting for I/O included), all cores, since it booted."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / tick, (idle + iowait) / tick
+
+
 def cpu_by_component(api: Service, worker: Service | None) -> dict[str, float]:
-    return {"shim": cpu_seconds(tree(api.proc.pid)),
-            "workers": cpu_seconds(tree(worker.proc.pid)) if worker else 0.0,
-            "postgres": cpu_seconds(pids_named("postgres")), "redis": cpu_seconds(pids_named("redis-server")),
-            "load generator": cpu_seconds([os.getpid()])}
+    busy, idle = machine_seconds()
+    parts = {"shim": cpu_seconds(tree(api.proc.pid)),
+             "workers": cpu_seconds(tree(worker.proc.pid)) if worker else 0.0,
+             "postgres": cpu_seconds(pids_named("postgres")), "redis": cpu_seconds(pids_named("redis-server")),
+             "load generator": cpu_seconds([os.getpid()])}
+    # The rest of the machine's busy time (the kernel's own threads writing pages out, say), and what was idle.
+    return parts | {"other": busy - sum(parts.values()), "idle": idle}
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:

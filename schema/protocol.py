@@ -4,6 +4,8 @@ wrapper with named arguments, and the Celery message that names a stored batch.
 Keys (names in `schema.messages`):
   queue               the Celery list the workers consume; each message names one stored batch
   ingest:batch:*      a batch: the JSON list of its operations, stored until a worker commits it
+  ingest:sent:*       the batch of that name was enqueued (kept five minutes): a script call retried after a
+                      lost reply answers 'ok' again and enqueues nothing twice
   ingest:pending:Q    the batches enqueued on queue Q, oldest first: a worker applying one takes others
   ingest:leased:Q     batches a worker took from the pending list, by when the lease ends (take_batches.lua)
   ingest:stats        installation-wide counts; `queued_bytes` is what stored batches cost Redis (accounted.lua)
@@ -224,7 +226,7 @@ class ShimScripts:
             verdict = await self._thread_ops(keys=keys, args=args)
         else:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.set(batch.key, payload_head, ex=HEAD_TTL_SECONDS)
+            pipe.set(batch.key, payload_head, ex=HEAD_TTL_SECONDS, nx=True)  # a retry never cuts a stored batch
             pipe.evalsha(self._thread_ops.sha, len(keys), *keys, *args)
             try:
                 verdict = (await pipe.execute())[1]

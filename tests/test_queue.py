@@ -217,3 +217,29 @@ def test_appends_are_busy_while_waiting_batches_hold_the_high_water_bytes(
     # The mark sits one byte above what is held now: the first batch fits under it, and then it is reached.
     assert run(step, high_water_bytes=held + 1) == ("ok", ["busy"])
     assert int(redis_client.hget(STATS_KEY, "queued_bytes") or 0) > held
+
+
+@pytest.mark.parametrize("name_of_a", ["t", BIG], ids=["small", "big"])
+def test_a_call_retried_after_its_reply_was_lost_enqueues_nothing_twice(
+        redis_client: "redis.Redis[bytes]", name_of_a: str) -> None:
+    """redis-py sends a command again when its connection fails, though Redis may have run it: the same batch
+    sent twice is counted once, and its stored payload is neither cut nor deleted by the second call."""
+    name = unique("q")
+    r, t = ids(2)
+    batch = Batch.new(name)
+    ops = [append(r, t, name_of_a), complete(r, t)]
+
+    async def step(queue: Queue) -> Any:
+        await open_thread(queue, r, t)
+        first = await queue.scripts.thread_ops(batch, ops, [run_key(r)] * 2, [thread_key(t)] * 2)
+        stored = redis_client.get(batch.key)
+        again = await queue.scripts.thread_ops(batch, ops, [run_key(r)] * 2, [thread_key(t)] * 2)
+        return first, again, stored
+
+    first, again, stored = run(step, queue_name=name)
+    assert (first, again) == ("ok", "ok")
+    assert redis_client.get(batch.key) == stored and redis_client.ttl(batch.key) == -1
+    assert [op["kind"] for op in orjson.loads(stored or b"null")] == ["thread.append", "thread.complete"]
+    assert redis_client.llen(name) == 1 and redis_client.llen(pending_key(name)) == 1
+    assert redis_client.hmget(thread_key(t), ["closed", "appends"]) == [b"1", b"1"]
+    assert redis_client.hget(run_key(r), "ops") == b"2"

@@ -11,12 +11,20 @@ local function full(batch)
       or (batch.max_bytes > 0 and tonumber(redis.call('HGET', batch.stats, 'queued_bytes') or '0') >= batch.max_bytes)
 end
 
+-- A batch is enqueued once. redis-py sends a command again when its connection fails, even if Redis had run
+-- it: a script that finds its batch marked sent answers 'ok' again, instead of counting the batch's
+-- operations twice (a completion barrier never met) or refusing what it enqueued before.
+local SENT_TTL = 300
+local function sent_key(batch) return 'ingest:sent:' .. string.match(batch.key, '([^:]+)$') end
+local function sent(batch) return redis.call('EXISTS', sent_key(batch)) == 1 end
+
 -- Count what the stored batch costs, push the Celery message naming it, and note it in the pending list,
 -- where a worker applying one batch finds others to apply in the same transaction.
 local function push(batch)
   redis.call('HINCRBY', batch.stats, 'queued_bytes', accounted(redis.call('STRLEN', batch.key)))
   redis.call('LPUSH', batch.queue, batch.message)
   redis.call('RPUSH', batch.pending, batch.key)
+  redis.call('SET', sent_key(batch), '1', 'EX', SENT_TTL)
 end
 
 -- Store the batch and push it.

@@ -7,6 +7,7 @@
 --       append's resources ("f:l:a:b"), idempotency key.
 local batch = {queue = KEYS[1], pending = KEYS[2], key = KEYS[3], stats = KEYS[4], message = ARGV[1],
                max_messages = tonumber(ARGV[2]), max_bytes = tonumber(ARGV[3])}
+if sent(batch) then return 'ok' end
 local run = KEYS[5]
 local payload, open_ttl, idem_ttl, caps, resources, idem = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local known = recalled(idem)

@@ -17,6 +17,7 @@
 -- the batch is.
 local batch = {queue = KEYS[1], pending = KEYS[2], key = KEYS[3], stats = KEYS[4], message = ARGV[1],
                max_messages = tonumber(ARGV[2]), max_bytes = tonumber(ARGV[3])}
+if sent(batch) then return 'ok' end
 local open_ttl, closed_ttl, idem_ttl = ARGV[4], ARGV[5], ARGV[6]
 local kinds, results, caps = ARGV[7], ARGV[8], ARGV[9]
 local resources, idems = {}, {}
@@ -72,7 +73,7 @@ for i = 1, n do
   verdicts[i] = verdict
 end
 if blocked then
-  redis.call('DEL', batch.key)
+  if head == '' and redis.call('PTTL', batch.key) > 0 then redis.call('DEL', batch.key) end
   return verdicts
 end
 -- (Gone only if this runs over a minute after its SET: then nothing is written, and the requests fail.)

@@ -300,9 +300,14 @@ async def open_loop(host: str, port: int, token: str, args: argparse.Namespace, 
         thread = orjson.loads(await call("create thread", f"/api/v1/automation/runs/{run_id}/threads",
                                          b'{"fields":[],"artifacts":[],"elapsed_computed":1000}', 201, start))["id"]
         path = f"/api/v1/automation/runs/threads/{thread}"
-        # The appends go at their times even if the ones before them are not answered yet.
-        await asyncio.gather(*(call("thread append", f"{path}/append", body, 204, start + (k + 1) * period)
-                               for k, body in enumerate(bodies[job_no])))
+        # The appends go at their times even if the ones before them are not answered yet. Each is set going
+        # only when due: ten thousand tasks made at once would make this process late with the creates.
+        sent = []
+        for k, body in enumerate(bodies[job_no]):
+            due = start + (k + 1) * period
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            sent.append(asyncio.create_task(call("thread append", f"{path}/append", body, 204, due)))
+        await asyncio.gather(*sent)
         await call("thread complete", f"{path}/complete", b"{}", 204, start + (len(bodies[job_no]) + 1) * period)
 
     if not args.new_connections:

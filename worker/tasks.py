@@ -201,7 +201,8 @@ def apply_batch(ops: list[Op]) -> Outcome:
                       extra={"request_id": op.get("request_id"), "run_id": op.get("run_id")})
         metrics.DEAD_LETTERS.inc(len(outcome.dead))
         return outcome
-    except Raced:  # rolled back: again, now that the thread's completion is seen from the start
+    except Raced as exc:  # rolled back: again, now that the thread's completion is seen from the start
+        log.info("thread %s was completed while a batch copied its results: applying the batch again", exc)
         return apply_batch(ops)
     except OperationalError:
         raise

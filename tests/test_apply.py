@@ -282,3 +282,22 @@ def test_an_append_whose_thread_is_completed_while_its_results_are_copied_is_app
     with engine.connect() as conn:
         error = conn.execute(text("SELECT error FROM dead_letters WHERE op_id = :id"), {"id": late["id"]})
         assert error.scalar_one() == "thread already completed"
+
+
+def test_statuses_are_read_in_any_case_and_one_the_worker_does_not_know_dead_letters_its_append(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    seed = Seed(engine, threads=1)
+    tests = [{"key": f"k{i}", "name": f"t{i}", "status": status}
+             for i, status in enumerate(["Passed", "passed", "PASSED", "failed", "Passed"])]
+    seed.apply(seed.append_tests(0, tests))
+    assert count_results(engine, seed.run) == {PASSED: 4, FAILED: 1}
+
+    # The status table changed after the shim accepted an append: the worker no longer knows "failed".
+    known = {alias: status_id for alias, status_id in alias_map(DEFAULT_STATUSES).items() if status_id != FAILED}
+    monkeypatch.setattr(apply_module, "status_aliases", lambda conn: known)
+    late = seed.append_tests(0, [{"key": "a", "name": "a", "status": "Passed"},
+                                 {"key": "b", "name": "b", "status": "Failed"}])
+    outcome = seed.apply(late)
+    assert [error for _, error in outcome.dead] == ["unknown status 'Failed'"] and outcome.results == 0
+    assert count_results(engine, seed.run) == {PASSED: 4, FAILED: 1}
+    assert seed.thread_row(0)["appends_applied"] == 1

@@ -288,16 +288,22 @@ def _append_body(thread: ThreadState, body: StoredAppend, at: datetime, rows: li
     add = new.append
     elapsed_sum = 0
     timed = False
+    seen: dict[str, int] = {}  # status as sent -> id: a suite sends a few, each thousands of times
     for test in body.tests or ():
-        status_id = aliases.get(test.status.lower())
-        if status_id is None:  # the status table changed since the shim accepted it
-            return f"unknown status {test.status[:100]!r}"
+        status_id = seen.get(test.status)
+        if status_id is None:
+            status_id = aliases.get(test.status.lower())
+            if status_id is None:  # the status table changed since the shim accepted it
+                return f"unknown status {test.status[:100]!r}"
+            seen[test.status] = status_id
         elapsed = test.elapsed
         if elapsed is not None:
             elapsed_sum += elapsed
             timed = True
+        # Most tests carry neither fields nor artifacts: their Raw is empty, and false.
+        fields, artifacts = test.fields, test.artifacts
         add((run_id, thread_id, status_id, test.key, test.name, test.folder, elapsed, test.file, test.line,
-             test.assertions, _jsonb(test.fields), _jsonb(test.artifacts), at))
+             test.assertions, _jsonb(fields) if fields else None, _jsonb(artifacts) if artifacts else None, at))
         tally[status_id - 1] += 1
     rows.extend(new)
     thread.counts = [a + b for a, b in zip(thread.counts, tally, strict=True)]

@@ -253,8 +253,10 @@ def thread_additions(conn: Connection, ids: list[int]) -> dict[int, ThreadState]
         return {}
     rows = conn.exec_driver_sql(
         "SELECT id, run_id, is_completed FROM automation_run_threads WHERE id = ANY(%(ids)s)", {"ids": ids})
-    return {row_id: ThreadState(row_id, run_id, is_completed, [0] * N_STATUSES, 0, None, None, None, None, None,
-                                None)
+    return {row_id: ThreadState(id=row_id, run_id=run_id, is_completed=is_completed, counts=[0] * N_STATUSES,
+                                appends_applied=0, appends_expected=None, elapsed_observed=None,
+                                elapsed_computed=None, results_elapsed=None, complete_requested_at=None,
+                                complete_requested_by=None)
             for row_id, run_id, is_completed in rows}
 
 

@@ -218,6 +218,36 @@ def test_results_keep_their_details(engine: Engine) -> None:
     assert row["status_id"] == FAILED and row["thread_id"] == seed.threads[0]
 
 
+def test_a_batch_of_many_chunks_of_copy_stores_every_result_as_sent(engine: Engine) -> None:
+    """More rows than one COPY chunk (store.COPY_CHUNK) holds, over several appends, each with its details."""
+    from worker.store import COPY_CHUNK
+    seed = Seed(engine, threads=2)
+    sent = []
+    for append in range(6):
+        tests = [{"key": f"k{append}.{i}", "name": f"test {append}.{i} " + "n" * (i % 50), "status": "passed",
+                  "folder": None if i % 3 else f"suite {i % 7}", "elapsed": i if i % 5 else None, "line": i,
+                  "fields": [{"type": 1, "name": "Output", "value": "x" * (i % 300)}] if i % 4 == 0 else []}
+                 for i in range(1000)]
+        sent.append(seed.append_tests(append % 2, tests))
+    seed.apply(*sent)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT key, name, folder, elapsed, line, fields FROM automation_results "
+                                 "WHERE run_id = :r"), {"r": seed.run}).all()
+        stored_bytes = conn.execute(text("SELECT sum(pg_column_size(r.*)) FROM automation_results r "
+                                         "WHERE run_id = :r"), {"r": seed.run}).scalar_one()
+    assert stored_bytes > 3 * COPY_CHUNK  # else this tests one chunk
+
+    def sort(value: Any) -> bytes:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+    expected = {(f"k{a}.{i}", f"test {a}.{i} " + "n" * (i % 50), None if i % 3 else f"suite {i % 7}",
+                 i if i % 5 else None, i,
+                 sort([{"type": 1, "name": "Output", "value": "x" * (i % 300)}]) if i % 4 == 0 else None)
+                for a in range(6) for i in range(1000)}
+    assert {(*row[:5], sort(row[5]) if row[5] is not None else None) for row in rows} == expected
+    assert len(rows) == 6000
+
+
 @pytest.mark.parametrize("workers", [4])
 def test_parallel_workers_with_duplicates_neither_deadlock_nor_miscount(engine: Engine, workers: int) -> None:
     """Batches over the same threads, each op delivered twice in shuffled batches, applied concurrently."""

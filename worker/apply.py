@@ -53,6 +53,8 @@ from worker.store import (
     write_threads,
 )
 
+_EMPTY = msgspec.Raw()
+
 
 class StoredTest(msgspec.Struct, gc=False):
     """A test of a thread append the shim validated (schema.requests.ResultIn), read as its result row needs
@@ -67,9 +69,10 @@ class StoredTest(msgspec.Struct, gc=False):
     file: str | None = None
     line: int | None = None
     assertions: int | None = None
-    # Raw as a union member is not supported: an absent one is empty, a null one the JSON null.
-    fields: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
-    artifacts: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    # Raw as a union member is not supported: an absent one is empty, a null one the JSON null. (One empty Raw
+    # shared by every test, not one made per test by a factory: most tests have neither.)
+    fields: msgspec.Raw = _EMPTY
+    artifacts: msgspec.Raw = _EMPTY
 
 
 class StoredAppend(msgspec.Struct, gc=False):
@@ -78,8 +81,8 @@ class StoredAppend(msgspec.Struct, gc=False):
     tests: list[StoredTest] = msgspec.field(default_factory=list)
     elapsed_observed: int | None = None
     elapsed_computed: int | None = None
-    fields: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
-    artifacts: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    fields: msgspec.Raw = _EMPTY
+    artifacts: msgspec.Raw = _EMPTY
 
 
 _APPEND = msgspec.json.Decoder(StoredAppend)

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import msgspec
 import orjson
+from psycopg._copy_base import format_row_binary
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 from sqlalchemy import Connection
@@ -232,18 +233,25 @@ def insert_threads(conn: Connection, ops: list[Op]) -> None:
          "creators": [c["user_id"] for c in creates], "ats": [c["at"] for c in creates]})
 
 
+# The locked rows' fields, then their counts (COUNT_COLUMNS), read by position: a lookup by name of each of
+# the 35 columns of 50 rows cost the worker 5 % of its time.
+_THREAD_FIELDS = ("id", "run_id", "is_completed", "appends_applied", "appends_expected", "elapsed_observed",
+                  "elapsed_computed", "results_elapsed", "complete_requested_at", "complete_requested_by")
+_RUN_FIELDS = ("id", "is_completed", "created_at", "ops_applied", "ops_expected", "measure_elapsed",
+               "complete_requested_at", "complete_requested_by", "updated_at", "updated_by")
+
+
 def lock_threads(conn: Connection, ids: list[int]) -> dict[int, ThreadState]:
     if not ids:
         return {}
     rows = conn.exec_driver_sql(
-        f"SELECT id, run_id, is_completed, appends_applied, appends_expected, elapsed_observed, "
-        f"elapsed_computed, results_elapsed, complete_requested_at, complete_requested_by, {_COUNTS} "
+        f"SELECT {', '.join(_THREAD_FIELDS)}, {_COUNTS} "
         f"FROM automation_run_threads WHERE id = ANY(%(ids)s) ORDER BY id FOR NO KEY UPDATE",
         {"ids": ids},
-    ).mappings()
-    return {row["id"]: ThreadState(counts=[row[c] for c in COUNT_COLUMNS],
-                                   **{k: v for k, v in row.items() if k not in COUNT_COLUMNS})
-            for row in rows}
+    )
+    n = len(_THREAD_FIELDS)
+    return {row[0]: ThreadState(**dict(zip(_THREAD_FIELDS, row[:n], strict=True)),
+                                counts=list(row[n:])) for row in rows}
 
 
 def thread_additions(conn: Connection, ids: list[int]) -> dict[int, ThreadState]:
@@ -264,14 +272,12 @@ def lock_runs(conn: Connection, ids: list[int]) -> dict[int, RunState]:
     if not ids:
         return {}
     rows = conn.exec_driver_sql(
-        f"SELECT id, is_completed, created_at, ops_applied, ops_expected, "
-        f"measure_elapsed, complete_requested_at, complete_requested_by, updated_at, updated_by, {_COUNTS} "
+        f"SELECT {', '.join(_RUN_FIELDS)}, {_COUNTS} "
         f"FROM automation_runs WHERE id = ANY(%(ids)s) ORDER BY id FOR NO KEY UPDATE",
         {"ids": ids},
-    ).mappings()
-    return {row["id"]: RunState(counts=[row[c] for c in COUNT_COLUMNS],
-                                **{k: v for k, v in row.items() if k not in COUNT_COLUMNS})
-            for row in rows}
+    )
+    n = len(_RUN_FIELDS)
+    return {row[0]: RunState(**dict(zip(_RUN_FIELDS, row[:n], strict=True)), counts=list(row[n:])) for row in rows}
 
 
 RESULT_COLUMNS = ("run_id", "thread_id", *RESULT_FIELDS, "created_at")
@@ -292,6 +298,14 @@ class JsonbText(Dumper):
         return b"\x01" + (obj if isinstance(obj, bytes) else str(obj).encode())
 
 
+# psycopg's own encoder of a row (C, in psycopg_binary), called straight into one buffer: through
+# Copy.write_row, which adds two Python calls per row and grows its buffer in small steps, the worker spent
+# 7 % more instructions. The header and trailer are PostgreSQL's binary COPY format's: no flags, no extension.
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\0" + bytes(8)
+_COPY_TRAILER = b"\xff\xff"
+COPY_CHUNK = 1 << 17
+
+
 def copy_results(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     if not rows:
         return
@@ -304,8 +318,14 @@ def copy_results(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         cur.adapters.register_dumper(str, JsonbText)
         with cur.copy(COPY_RESULTS) as copy:
             copy.set_types(RESULT_TYPES)
+            transformer = copy.formatter.transformer
+            data = bytearray(_COPY_HEADER)
             for row in rows:
-                copy.write_row(row)
+                format_row_binary(row, transformer, data)
+                if len(data) >= COPY_CHUNK:  # sent as it fills: PostgreSQL stores rows while the rest are encoded
+                    copy.write(data)
+                    data = bytearray()
+            copy.write(data + _COPY_TRAILER)
 
 
 def _json(items: list[JsonObject]) -> str:

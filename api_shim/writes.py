@@ -163,12 +163,13 @@ async def accept_thread_append(s: Services, authorization: str | None, thread_id
     idem = idempotency(authorization, idempotency_key, "POST", f"/api/v1/automation/runs/threads/{thread_id}/append",
                        sent) if idempotency_key is not None else ""
     body, raw = await parse(ThreadAppend, sent, s.statuses.aliases, nul=False)
-    # The body goes on as the client sent it (repaired if it had to be), never encoded again: the worker
-    # decodes it with the same declaration, and turns its tests into rows.
+    # The body goes on as the client sent it (repaired if it had to be), never encoded again, in the pair
+    # [head, body]: the worker decodes both in one pass, the body with the same declaration, and turns its
+    # tests into rows (worker/apply.py `decode_batch`).
     head = orjson.dumps(_op_head("thread.append", ref.run_id, principal.user_id, request_id)
                         | {"thread_id": ref.thread_id})
     resources = resources_of(given(body))[0] if body.fields or body.artifacts else ""
-    append = ThreadOp("a", ref.run_id, ref.thread_id, b"".join((head[:-1], b',"body":', raw, b"}")),
+    append = ThreadOp("a", ref.run_id, ref.thread_id, b"".join((b"[", head, b",", raw, b"]")),
                       len(body.tests) if body.tests else 0, resources, idem)
     verdict = await _enqueue(s, ref.run_id, ref.thread_id, lambda: s.thread_ops.submit(append))
     _check_accepted(s, verdict, "thread")

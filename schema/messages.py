@@ -102,8 +102,9 @@ class RunCompleteOp(OpBase):
 class ThreadAppendOp(OpBase):
     kind: Literal["thread.append"]
     thread_id: int
-    # The request body as the shim accepted it (schema.requests.ThreadAppend), raw JSON as it came: the worker
-    # decodes it with the same declaration and makes its tests rows (worker/apply.py).
+    # The request body as the shim accepted it (schema.requests.ThreadAppend), as it came. The shim queues a
+    # thread append as the pair [head, body], the head being the rest of this; the worker decodes the body with
+    # the same declaration and makes its tests rows (worker/apply.py `decode_batch`).
     body: NotRequired[Any]
     # What an earlier version sent instead of the body: the tests as rows, with their counts by status id
     # ([status id, count] pairs) and the sum of their elapsed. Still applied, from queues and dead letters.

@@ -56,8 +56,8 @@ class Seed:
         """A thread append as the shim enqueues it: the request body, validated, passed on as it came."""
         raw = orjson.dumps({"tests": tests, **fields})
         validate(ThreadAppend, raw, alias_map(DEFAULT_STATUSES))
-        [op] = decode_batch(orjson.dumps([self.op("thread.append", thread_id=self.threads[thread])])[:-2]
-                            + b',"body":' + raw + b"}]")
+        [op] = decode_batch(b"[[" + orjson.dumps(self.op("thread.append", thread_id=self.threads[thread])) + b","
+                            + raw + b"]]")
         return op
 
     def complete_thread(self, thread: int, expected: int, **fields: Any) -> Any:
@@ -331,3 +331,51 @@ def test_statuses_are_read_in_any_case_and_one_the_worker_does_not_know_dead_let
     assert [error for _, error in outcome.dead] == ["unknown status 'Failed'"] and outcome.results == 0
     assert count_results(engine, seed.run) == {PASSED: 4, FAILED: 1}
     assert seed.thread_row(0)["appends_applied"] == 1
+
+
+def test_a_thread_append_is_applied_alike_in_each_form_a_batch_holds_and_a_body_refused_is_its_own_dead_letter(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shim's pair [head, body]; one object with the body in it, as a dead letter replayed or a batch of an
+    earlier version holds it; and, beside them, a body the worker's declaration refuses: the others apply."""
+    seed = Seed(engine, threads=1)
+    body = {"tests": [{"key": "k", "name": "n", "status": "passed"}]}
+    pair = [seed.op("thread.append", thread_id=seed.threads[0]), body]
+    one_object = seed.op("thread.append", thread_id=seed.threads[0], body=body)
+    refused = [seed.op("thread.append", thread_id=seed.threads[0]),
+               {"tests": [{"key": "k", "name": "n", "status": "passed", "line": "seven"}]}]
+    monkeypatch.setattr(tasks, "unit_of_work", engine.begin)
+
+    outcome = tasks.apply_batch(decode_batch(orjson.dumps([pair, one_object, refused])))
+
+    assert outcome.applied == 2 and outcome.results == 2
+    assert count_results(engine, seed.run) == {PASSED: 2}
+    assert seed.thread_row(0)["appends_applied"] == 2
+    with engine.connect() as conn:
+        letter = conn.execute(text("SELECT error, payload FROM dead_letters WHERE op_id = :id"),
+                              {"id": refused[0]["id"]}).one()
+    assert letter.error.startswith("ValidationError") and letter.payload["body"] == refused[1]
+
+
+def test_escaped_nuls_in_an_append_are_stored_as_replacement_characters(engine: Engine,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replaced only once PostgreSQL has refused them (`with_storable_escapes`), in the test's text and fields
+    and in the append's own fields, with the other appends of the batch applied as they came."""
+    seed = Seed(engine, threads=2)
+    clean = seed.append(1, [PASSED])
+    # JSON escapes: a NUL in the key, name and fields, and an escaped backslash before "u0000" in the folder.
+    raw = (rb'{"tests": [{"key": "k\u0000", "name": "a\u0000b", "status": "failed", "folder": "\\u0000 kept", '
+           rb'"fields": [{"type": 1, "name": "Output", "value": "x\u0000y"}]}], '
+           rb'"fields": [{"type": 1, "name": "f", "value": "\u0000"}]}')
+    nul = decode_batch(b"[[" + orjson.dumps(seed.op("thread.append", thread_id=seed.threads[0])) + b"," + raw + b"]]")
+    monkeypatch.setattr(tasks, "unit_of_work", engine.begin)
+
+    outcome = tasks.apply_batch([clean, *nul])
+
+    assert outcome.applied == 2 and not outcome.dead
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT key, name, folder, fields FROM automation_results WHERE thread_id = :t"),
+                           {"t": seed.threads[0]}).one()
+    assert (row.key, row.name, row.folder) == ("k\ufffd", "a\ufffdb", "\\u0000 kept")
+    assert row.fields[0]["value"] == "x\ufffdy"
+    assert seed.thread_row(0)["fields"] == [{"type": 1, "name": "f", "value": "\ufffd"}]
+    assert count_results(engine, seed.run) == {PASSED: 1, FAILED: 1}

@@ -18,7 +18,7 @@ from schema.settings import get_settings
 from schema.status import STATS_KEY
 from worker import metrics
 from worker.app import app
-from worker.apply import Outcome, Raced, apply_ops, decode_batch, waiting
+from worker.apply import Outcome, Raced, apply_ops, decode_batch, waiting, with_storable_escapes
 from worker.cases import fold_owed
 from worker.db import batches, unit_of_work
 from worker.store import dead_letter
@@ -207,6 +207,9 @@ def apply_batch(ops: list[Op]) -> Outcome:
     except OperationalError:
         raise
     except Exception as exc:
+        if (repaired := with_storable_escapes(ops)) is not None:
+            log.info("a batch failed with escaped NULs in it: applying it again with them replaced")
+            return apply_batch(repaired)
         # The data itself is refused. Apply the operations one by one so that only the one at fault is
         # set aside, with its payload and the error, for an operator to replay.
         total = Outcome()

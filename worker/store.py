@@ -100,11 +100,13 @@ def claim(conn: Connection, ops: list[Op], window: timedelta | None = None) -> t
     window = window or timedelta(days=get_settings().dedupe_days)
     now = datetime.now(UTC)
     accepted = {op["id"]: datetime.fromisoformat(op["at"]) for op in ops}
-    inside = sorted(i for i, at in accepted.items() if at >= now - window)
+    oldest = now - window
+    inside = sorted(i for i, at in accepted.items() if at >= oldest)
     claimed = {
         str(row[0]) for row in conn.exec_driver_sql(
+            # The arrays in binary: psycopg writes each element of a text one through a regular expression.
             "INSERT INTO applied_ops (id, accepted_at) "
-            "SELECT * FROM unnest(%(ids)s::uuid[], %(ats)s::timestamptz[]) ORDER BY 1 "
+            "SELECT * FROM unnest(%(ids)b::text[]::uuid[], %(ats)b::timestamptz[]) ORDER BY 1 "
             "ON CONFLICT DO NOTHING RETURNING id",
             {"ids": inside, "ats": [accepted[i] for i in inside]},
         )

@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install services check bench bench-reads bench-shim
+.PHONY: run test install services check bench bench-reads bench-shim bench-worker
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: install services
 # The shim's instructions per result of thread appends, under callgrind: the same whatever the machine's speed.
 bench-shim: install services
 	$(PY) tests/perf/shim_instructions.py
+
+# A worker's instructions per result applying batches of thread appends, under callgrind.
+bench-worker: install services
+	$(PY) tests/perf/worker_instructions.py
 
 # Read latencies of a 1M-result run and a 100,000-case project while a fleet ingests, folds, webhook lag.
 bench-reads: install services

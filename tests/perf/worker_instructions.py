@@ -104,8 +104,8 @@ def main() -> None:
 
     out = Path(tempfile.mkdtemp()) / "callgrind.out"
     env = dict(os.environ) | {COUNTING: "1", "INGEST_DATABASE_URL": DATABASE_URL, "INGEST_LOG_LEVEL": "WARNING"}
-    # The subtraction the counting itself costs (two callgrind_control calls) is a few hundred thousand
-    # instructions: next to nothing against the batches.
+    # What turning the counting on and off costs (two callgrind_control calls) is counted too and not taken
+    # off: a few hundred thousand instructions, next to nothing against the batches.
     done = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                            sys.executable, *sys.argv], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     if done.returncode:

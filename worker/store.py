@@ -305,7 +305,9 @@ class JsonbText(Dumper):
 # 7 % more instructions. The header and trailer are PostgreSQL's binary COPY format's: no flags, no extension.
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\0" + bytes(8)
 _COPY_TRAILER = b"\xff\xff"
-COPY_CHUNK = 1 << 17
+# Half of psycopg's MAX_BUFFER_SIZE (128 KB): a write above it is sliced, each slice a copy, and a chunk is sent
+# only once it has passed this size, by up to a row.
+COPY_CHUNK = 1 << 16
 
 
 def copy_results(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
@@ -327,7 +329,8 @@ def copy_results(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
                 if len(data) >= COPY_CHUNK:  # sent as it fills: PostgreSQL stores rows while the rest are encoded
                     copy.write(data)
                     data = bytearray()
-            copy.write(data + _COPY_TRAILER)
+            data += _COPY_TRAILER
+            copy.write(data)
 
 
 def _json(items: list[JsonObject]) -> str:

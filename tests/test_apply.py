@@ -314,6 +314,27 @@ def test_an_append_whose_thread_is_completed_while_its_results_are_copied_is_app
         assert error.scalar_one() == "thread already completed"
 
 
+def test_a_batch_checked_in_its_own_transaction_applies_nothing_while_a_thread_is_not_written(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker checks that a batch's threads are written in the transaction that applies it: if one is not
+    yet, nothing is claimed nor stored, and the task settles which batches can go (`tasks.ready`)."""
+    seed = Seed(engine, threads=1)
+    written = seed.append(0, [PASSED, FAILED])
+    unwritten = {**seed.append(0, [PASSED]), "thread_id": seed.threads[0] + 1_000_000}
+    monkeypatch.setattr(tasks, "unit_of_work", engine.begin)
+
+    with pytest.raises(tasks.NotReady):
+        tasks.apply_batch([written, unwritten], check_ready=True)
+    assert count_results(engine, seed.run) == {}
+    with engine.connect() as conn:
+        claimed = conn.execute(text("SELECT count(*) FROM applied_ops WHERE id = ANY(CAST(:ids AS uuid[]))"),
+                               {"ids": [written["id"], unwritten["id"]]}).scalar_one()
+    assert claimed == 0 and seed.thread_row(0)["appends_applied"] == 0
+
+    outcome = tasks.apply_batch([written], check_ready=True)
+    assert outcome.applied == 1 and count_results(engine, seed.run) == {PASSED: 1, FAILED: 1}
+
+
 def test_statuses_are_read_in_any_case_and_one_the_worker_does_not_know_dead_letters_its_append(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     seed = Seed(engine, threads=1)

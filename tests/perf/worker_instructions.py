@@ -5,8 +5,8 @@
 The worker's side of `shim_instructions.py`: CPU seconds move with this machine's speed, instructions do not.
 This runs itself again under callgrind (database `ingest_bench_winstr`, no Redis, no Celery), creates a run of
 `--threads` threads, and applies `--batches` batches of `--appends` appends of `--tests` tests, as the shim
-queues them (the pair [head, body]), the way a worker's task does: decode the batch, check that its threads
-are written, apply it in one transaction. Only that is counted; PostgreSQL's own work is not. It prints the
+queues them (the pair [head, body]), the way a worker's task does: decode the batch, then, in one transaction,
+check that its threads are written and apply it. Only that is counted; PostgreSQL's own work is not. It prints the
 instructions per result and fails unless every result is stored. About a minute. Not collected by pytest.
 """
 
@@ -39,8 +39,8 @@ def counted(args: argparse.Namespace) -> None:
     from schema.db import drop_database, upgrade
     from schema.process import quiet_gc
     from worker import tasks
-    from worker.apply import decode_batch, waiting
-    from worker.db import engine, unit_of_work
+    from worker.apply import decode_batch
+    from worker.db import engine
 
     drop_database(DATABASE_URL)
     upgrade(DATABASE_URL)
@@ -67,10 +67,7 @@ def counted(args: argparse.Namespace) -> None:
         return b"[" + b",".join(ops) + b"]"
 
     def apply(payload: bytes) -> None:
-        ops = decode_batch(payload)
-        with unit_of_work() as conn:
-            assert not waiting(conn, ops)
-        tasks.apply_batch(ops)
+        tasks.apply_batch(decode_batch(payload), check_ready=True)  # NotReady if its threads were not written
 
     payloads = [payload(b) for b in range(args.batches)]
     apply(payload(args.batches))  # warm-up: imports, connections, prepared statements

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import msgspec
 import orjson
+import psycopg
 from psycopg._copy_base import format_row_binary
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
@@ -88,13 +89,19 @@ OUTSIDE_WINDOW = "outside the dedupe window"
 WINDOW_MARGIN = timedelta(days=1)
 
 
-def _rows(conn: Connection, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """Rows of a query, read on the transaction's own psycopg connection. SQLAlchemy sets up a result for every
-    call (a cursor description, its metadata), which cost a worker more than the query's own round trip: most
-    for the 35 columns of a locked row, 28 % of the instructions per result on batches of two appends."""
+def _cursor(conn: Connection) -> "psycopg.Cursor[Any]":
+    """A cursor on the transaction's own psycopg connection, for the worker's hot statements."""
     raw = conn.connection.driver_connection
     assert raw is not None
-    with raw.cursor() as cur:
+    cursor: psycopg.Cursor[Any] = raw.cursor()
+    return cursor
+
+
+def _rows(conn: Connection, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Rows of a query, read on a `_cursor`. SQLAlchemy sets up a result for every call (a cursor description,
+    its metadata), which cost a worker more than the query's own round trip: most for the 35 columns of a
+    locked row, 28 % of the instructions per result on batches of two appends."""
+    with _cursor(conn) as cur:
         rows: list[tuple[Any, ...]] = cur.execute(sql, params).fetchall()
     return rows
 
@@ -186,7 +193,7 @@ def failed_status_ids(conn: Connection) -> list[int]:
 
 
 def passed_status_ids(conn: Connection) -> list[int]:
-    return [row[0] for row in conn.exec_driver_sql("SELECT id FROM statuses WHERE is_passed ORDER BY id")]
+    return [row[0] for row in _rows(conn, "SELECT id FROM statuses WHERE is_passed ORDER BY id", {})]
 
 
 # --- runs, threads and results -----------------------------------------------------------------------------
@@ -321,9 +328,7 @@ COPY_CHUNK = 1 << 16
 def copy_results(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     if not rows:
         return
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    with raw.cursor() as cur:
+    with _cursor(conn) as cur:
         JsonbText.oid = cur.adapters.types["jsonb"].oid
         # Registered for str on this cursor only: set_types below picks dumpers by column type, so it is the
         # one jsonb columns get, and text columns keep theirs.
